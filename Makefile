@@ -1,0 +1,45 @@
+# LANG-JEPA — the commands a newcomer types. Everything runs from .venv/ in the repo root.
+SHELL := /bin/bash
+PYTHON ?= python3
+PY := .venv/bin/python
+STAMP := .venv/.installed-$(shell cat requirements.txt | sha256sum | cut -c1-12)
+DEMO_RAW := data/demo/raw
+DEMO_SHARDS := data/demo/shards
+DEMO_RUN := runs/demo
+export DS_ACCELERATOR ?= cpu
+export OMP_NUM_THREADS ?= 2
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup demo-data demo-shards demo test lint format clean-demo
+
+setup: $(STAMP)
+$(STAMP): requirements.txt
+	$(PYTHON) -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	rm -f .venv/.installed-* && touch $@
+
+demo-data: setup $(DEMO_RAW)/.complete
+$(DEMO_RAW)/.complete:
+	$(PY) -m preprocessing.fetch_demo --out $(DEMO_RAW)
+
+demo-shards: demo-data
+	$(PY) -m preprocessing.build_shards --input $(DEMO_RAW) --output $(DEMO_SHARDS) --workers 2
+	$(PY) -m preprocessing.inspect $(DEMO_SHARDS) --docs 2
+
+# The main job on the embedded demo: shards -> short DeepSpeed ZeRO-2 run -> TensorBoard logs.
+demo: demo-shards
+
+test: demo-data
+	$(PY) -m pytest -q tests
+
+lint:
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format:
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+clean-demo:
+	rm -rf $(DEMO_SHARDS) $(DEMO_RUN)
