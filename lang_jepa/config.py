@@ -1,0 +1,226 @@
+"""One typed configuration tree.
+
+Precedence: dataclass defaults < preset or YAML file (``--config``) < dotted ``key.sub=value``
+overrides. OmegaConf's structured configs reject unknown keys and wrong types at start-up and name
+the key; :func:`validate` adds the cross-field checks (batch arithmetic, shapes, ranges).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, of the wrong type or inconsistent."""
+
+
+@dataclass
+class ModelConfig:
+    """The encoder (context encoder; the EMA target encoder is a copy of it)."""
+
+    vocab_size: int = 0  # 0: take it from the shards' manifest
+    seq_len: int = 512  # window length in tokens (whole sentences only)
+    dim: int = 768  # width D
+    depth: int = 12  # transformer blocks
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    pos: str = "rope"  # rope | learned (both take explicit position ids)
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    dropout: float = 0.0
+    activation_checkpointing: bool = False  # recompute each block in backward
+    init_std: float = 0.02
+
+
+@dataclass
+class PredictorConfig:
+    """The narrow predictor: context features projected down + mask tokens at target positions."""
+
+    dim: int = 384
+    depth: int = 6
+    heads: int = 6
+    mlp_ratio: float = 4.0
+
+
+@dataclass
+class DataConfig:
+    shards: str = "data/demo/shards"  # directory holding manifest.json
+    tokenizer: str | None = None  # if set, must be the shards' tokenizer (compared by sha256)
+    micro_batch_size: int = 8  # windows per rank per forward
+    num_workers: int = 1  # DataLoader workers per rank
+    prefetch_factor: int = 4
+    shuffle_buffer: int = 1000  # windows held for the sample-level shuffle
+    min_sentences: int = 3  # windows with fewer sentences are skipped (and counted)
+    pin_memory: bool = True
+
+
+@dataclass
+class MaskConfig:
+    """Target blocks: runs of whole consecutive sentences; the context is every other sentence."""
+
+    min_blocks: int = 2
+    max_blocks: int = 4
+    min_block_frac: float = 0.15  # of the window's tokens, per block
+    max_block_frac: float = 0.25
+    min_context_frac: float = 0.25  # the context keeps at least this share of the tokens
+
+
+@dataclass
+class LossConfig:
+    type: str = "smooth_l1"  # smooth_l1 | l2 | cosine
+    smooth_l1_beta: float = 1.0
+    reg: str = "none"  # none | vicreg | sigreg, on the predictions
+    reg_weight: float = 0.0
+    vicreg_cov_weight: float = 0.04  # covariance / variance weight inside the vicreg term
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3  # peak learning rate
+    start_lr: float = 2e-4  # at step 0, linear warmup to lr
+    min_lr: float = 1e-6  # end of the cosine
+    warmup_steps: int = 1000
+    weight_decay: float = 0.04  # cosine 0.04 -> 0.4 (I-JEPA)
+    final_weight_decay: float = 0.4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables
+    ema_start: float = 0.996  # target-encoder momentum, linear to ema_end
+    ema_end: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/default"
+    max_steps: int = 10000  # optimizer steps
+    global_batch_size: int = 0  # 0: micro_batch_size * world_size * grad_accum_steps
+    grad_accum_steps: int = 1
+    precision: str = "bf16"  # bf16 | fp32
+    seed: int = 0
+    resume: str = "auto"  # auto | none | a checkpoint path
+    log_interval: int = 10
+    save_interval: int = 1000
+    keep_checkpoints: int = 3
+    val_interval: int = 500  # 0 disables validation
+    val_batches: int = 8  # per rank, the same on every rank
+
+
+@dataclass
+class LogConfig:
+    tensorboard: bool = True
+    rankme_window: int = 16  # batches of pooled embeddings for the effective rank
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    predictor: PredictorConfig = field(default_factory=PredictorConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _preset_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        return path
+    preset = PRESET_DIR / f"{name_or_path}.yaml"
+    if not preset.is_file():
+        raise ConfigError(f"unknown preset {name_or_path!r}; presets: {', '.join(preset_names())}")
+    return preset
+
+
+def load_config(preset: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults < preset/YAML < ``key.sub=value`` overrides, type-checked and validated."""
+    schema = OmegaConf.structured(Config)
+    layers: list[Any] = [schema]
+    try:
+        if preset:
+            layers.append(OmegaConf.load(_preset_path(preset)))
+        if overrides:
+            bad = [o for o in overrides if "=" not in o]
+            if bad:
+                raise ConfigError(f"override {bad[0]!r} is not of the form key.sub=value")
+            layers.append(OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(*layers)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None)
+        first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(f"config key {key!r}: {first_line}") from err
+    cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    validate(cfg)
+    return cfg
+
+
+def _check(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key {key!r}: {msg}")
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that types alone cannot express; errors name the key."""
+    m, p, mk, o, t = cfg.model, cfg.predictor, cfg.mask, cfg.optim, cfg.train
+    _check(m.dim % m.heads == 0, "model.heads", f"model.dim={m.dim} is not divisible by it ({m.heads})")
+    _check(p.dim % p.heads == 0, "predictor.heads", f"predictor.dim={p.dim} not divisible by {p.heads}")
+    if m.pos == "rope":
+        _check((m.dim // m.heads) % 2 == 0, "model.heads", "rope needs an even head dimension")
+        _check((p.dim // p.heads) % 2 == 0, "predictor.heads", "rope needs an even head dimension")
+    _check(m.pos in ("rope", "learned"), "model.pos", f"{m.pos!r} is not rope | learned")
+    _check(m.seq_len >= 8, "model.seq_len", "must be >= 8")
+    _check(1 <= mk.min_blocks <= mk.max_blocks, "mask.max_blocks", "need 1 <= min_blocks <= max_blocks")
+    _check(0 < mk.min_block_frac <= mk.max_block_frac < 1, "mask.max_block_frac",
+           "need 0 < min_block_frac <= max_block_frac < 1")
+    _check(0 <= mk.min_context_frac < 1, "mask.min_context_frac", "must be in [0, 1)")
+    _check(cfg.loss.type in ("smooth_l1", "l2", "cosine"), "loss.type", f"{cfg.loss.type!r} unknown")
+    _check(cfg.loss.reg in ("none", "vicreg", "sigreg"), "loss.reg", f"{cfg.loss.reg!r} unknown")
+    _check(len(o.betas) == 2, "optim.betas", "needs two values")
+    _check(0 <= o.ema_start <= o.ema_end <= 1, "optim.ema_end", "need 0 <= ema_start <= ema_end <= 1")
+    _check(t.precision in ("bf16", "fp32"), "train.precision", f"{t.precision!r} is not bf16 | fp32")
+    _check(t.max_steps > 0, "train.max_steps", "must be positive")
+    _check(t.grad_accum_steps >= 1, "train.grad_accum_steps", "must be >= 1")
+    _check(cfg.data.micro_batch_size >= 1, "data.micro_batch_size", "must be >= 1")
+    _check(t.log_interval >= 1, "train.log_interval", "must be >= 1")
+    _check(t.resume in ("auto", "none") or len(t.resume) > 0, "train.resume", "auto | none | a path")
+
+
+def resolve_batch(cfg: Config, world_size: int) -> tuple[int, int, int]:
+    """(micro_batch, grad_accum, global_batch) consistent with the world size, or ConfigError.
+
+    ``train.global_batch_size`` may be 0 (derived) or a value that must equal
+    micro * world * accum; when it is set and accumulation is left at 1, accumulation is derived.
+    """
+    micro, accum, glob = cfg.data.micro_batch_size, cfg.train.grad_accum_steps, cfg.train.global_batch_size
+    if glob == 0:
+        return micro, accum, micro * world_size * accum
+    if accum == 1 and glob % (micro * world_size) == 0:
+        accum = glob // (micro * world_size)
+    if micro * world_size * accum != glob:
+        raise ConfigError(
+            f"config key 'train.global_batch_size': {glob} != data.micro_batch_size ({micro}) x "
+            f"world size ({world_size}) x train.grad_accum_steps ({accum})"
+        )
+    return micro, accum, glob
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(cfg))  # type: ignore[return-value]
