@@ -1,0 +1,209 @@
+"""DeepSpeed wiring: the only module that imports deepspeed.
+
+Distributed start-up (with or without a launcher), the engine config filled from ours (the HF
+Trainer's ``"auto"`` convention), parameter groups and optimizer, schedule application, and the
+fp32 master-weight fragments the EMA update reads under ZeRO-0..3.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
+from torch import Tensor, nn
+
+from .config import Config, ConfigError, resolve_batch
+from .ema import Fragment
+
+# Engine settings we fill from our config: ds key -> (our key, value getter)
+AUTO_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size", "gradient_clipping")
+FORBIDDEN_SECTIONS = {
+    "optimizer": "the optimizer is built from optim.* (AdamW, FusedAdam on GPU)",
+    "scheduler": "lr / weight-decay schedules are pure functions of the step in lang_jepa.schedules",
+    "fp16": "use train.precision=bf16 (fp16 loss scaling is not supported)",
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int, int]:
+    """Start torch.distributed through DeepSpeed; returns (rank, local_rank, world_size).
+
+    Works under ``deepspeed``, ``torchrun`` and SLURM launchers, and as a plain ``python`` process:
+    with no launcher variables a one-rank group on a free local port is set up (DeepSpeed would
+    otherwise try MPI discovery).
+    """
+    if "RANK" not in os.environ and "SLURM_PROCID" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    get_accelerator().set_device(local_rank)
+    return dist.get_rank(), local_rank, dist.get_world_size()
+
+
+def device(local_rank: int) -> torch.device:
+    return torch.device(get_accelerator().device_name(local_rank))
+
+
+def accelerator_name() -> str:
+    """'cuda' / 'cpu' / ...: the DeepSpeed accelerator in use."""
+    return get_accelerator().device_name()
+
+
+def build_ds_config(path: str | Path, cfg: Config, world_size: int) -> dict[str, Any]:
+    """Read a ds_configs/*.json and fill batch, accumulation, clipping and precision from ``cfg``.
+
+    A key set to ``"auto"`` or absent is filled; a hard value that disagrees with our config is an
+    error naming the key (no value is defined in two places).
+    """
+    path = Path(path)
+    try:
+        ds = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"deepspeed config {path}: {err}") from err
+    for section, why in FORBIDDEN_SECTIONS.items():
+        if section in ds and (section != "fp16" or ds[section].get("enabled", False)):
+            raise ConfigError(f"deepspeed config {path}: remove key {section!r}: {why}")
+    micro, accum, glob = resolve_batch(cfg, world_size)
+    ours = dict(zip(AUTO_KEYS, (micro, accum, glob, cfg.optim.grad_clip), strict=True))
+    source = {
+        "train_micro_batch_size_per_gpu": "data.micro_batch_size",
+        "gradient_accumulation_steps": "train.grad_accum_steps",
+        "train_batch_size": "train.global_batch_size",
+        "gradient_clipping": "optim.grad_clip",
+    }
+    for key, value in ours.items():
+        current = ds.get(key, "auto")
+        if current != "auto" and current != value:
+            raise ConfigError(
+                f"deepspeed config {path}: key {key!r} is {current} but {source[key]} gives {value}; "
+                f'set it to "auto" and configure {source[key]}'
+            )
+        ds[key] = value
+    bf16 = cfg.train.precision == "bf16"
+    ds_bf16 = ds.setdefault("bf16", {}).get("enabled", "auto")
+    if ds_bf16 != "auto" and bool(ds_bf16) != bf16:
+        raise ConfigError(
+            f"deepspeed config {path}: key 'bf16.enabled' is {ds_bf16} but train.precision is "
+            f"{cfg.train.precision}; set it to \"auto\""
+        )
+    ds["bf16"]["enabled"] = bf16
+    ds.setdefault("steps_per_print", 10**9)  # we log ourselves
+    return ds
+
+
+def zero_stage(ds_config: dict[str, Any]) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def param_groups(model: nn.Module) -> list[dict[str, Any]]:
+    """Two AdamW groups: weight decay on matrices, none on biases, norms and other 1-D tensors.
+
+    ``wd_mult`` (1 or 0) tells :func:`apply_schedule` which groups the decay schedule scales.
+    """
+    decay, no_decay = [], []
+    for _, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 else decay).append(param)
+    return [
+        {"params": decay, "weight_decay": 0.0, "wd_mult": 1.0},
+        {"params": no_decay, "weight_decay": 0.0, "wd_mult": 0.0},
+    ]
+
+
+def build_optimizer(groups: list[dict[str, Any]], cfg: Config, ds_config: dict[str, Any]) -> torch.optim.Optimizer:
+    """AdamW: DeepSpeedCPUAdam with optimizer offload, FusedAdam on GPU, torch AdamW otherwise."""
+    o = cfg.optim
+    kwargs: dict[str, Any] = {"lr": o.start_lr, "betas": tuple(o.betas), "eps": o.eps, "weight_decay": 0.0}
+    offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    if offload in ("cpu", "nvme"):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
+    if get_accelerator().device_name() == "cuda":
+        from deepspeed.ops.adam import FusedAdam
+
+        return FusedAdam(groups, adam_w_mode=True, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+def initialize(model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict[str, Any]) -> Any:
+    """``deepspeed.initialize`` with our model, optimizer and filled config; returns the engine."""
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    return engine
+
+
+def apply_schedule(engine: Any, lr: float, wd: float) -> None:
+    """Set this step's learning rate and weight decay on every parameter group."""
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+        group["weight_decay"] = wd * group.get("wd_mult", 1.0)
+
+
+def fp32_fragments(params: Iterable[nn.Parameter]) -> tuple[list[list[Fragment]], bool]:
+    """This rank's fp32 master slices of each parameter, and whether they are partitioned.
+
+    ZeRO-3: the rank's partition of the flattened parameter; ZeRO-1/2 and the bf16 optimizer:
+    the fragment the rank's optimizer owns (``_hp_mapping``); plain fp32 ZeRO-0: the whole
+    parameter. Returns (fragments per parameter, partitioned).
+    """
+    from deepspeed.utils import safe_get_local_fp32_param
+
+    out: list[list[Fragment]] = []
+    partitioned = False
+    for p in params:
+        if hasattr(p, "ds_id"):  # ZeRO-3
+            partitioned = True
+            local = safe_get_local_fp32_param(p).reshape(-1)
+            # private API: which slice of the flat parameter this rank's partition holds
+            rank = p._z3_optimizer._get_param_partition_rank(p)
+            start = rank * local.numel()
+            n = max(0, min(local.numel(), p.ds_numel - start))
+            out.append([(start, local[:n])] if n else [])
+        elif hasattr(p, "_hp_mapping"):  # ZeRO-1/2, bf16 optimizer
+            partitioned = True
+            mapping = p._hp_mapping
+            if mapping is None:
+                out.append([])
+            else:
+                out.append([(mapping.lp_fragment_address.start, mapping.get_hp_fragment().reshape(-1))])
+        else:
+            out.append([(0, p.detach().reshape(-1))])
+    return out, partitioned
+
+
+def dp_all_reduce(tensor: Tensor) -> None:
+    """Sum over every rank, in place (data parallelism is the only parallelism here)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor)
+
+
+def all_reduce_mean(values: Tensor) -> Tensor:
+    values = values.clone()
+    dp_all_reduce(values)
+    return values / (dist.get_world_size() if dist.is_initialized() else 1)
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def max_allocated_gb(dev: torch.device) -> float | None:
+    if dev.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(dev) / 2**30

@@ -1,0 +1,122 @@
+"""Metrics in one place: FLOPs per step, MFU against a per-device peak table, TensorBoard writer,
+the console line, and the effective-rank window."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .objective import JEPA, effective_rank
+
+log = logging.getLogger("lang_jepa")
+
+# Dense bf16 tensor-core peak FLOP/s per device (vendor datasheets; no sparsity).
+PEAK_BF16_FLOPS: dict[str, float] = {
+    "H200": 989e12,
+    "H100 SXM": 989e12,
+    "H100 NVL": 835e12,
+    "H100 PCIe": 756e12,
+    "H100": 989e12,  # unlabelled H100: the SXM part
+    "GH200": 989e12,
+    "B200": 2250e12,
+    "A100": 312e12,
+    "A10G": 70e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "RTX 4090": 165e12,
+}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Peak dense bf16 FLOP/s of ``device`` from :data:`PEAK_BF16_FLOPS`, or None (CPU, unknown)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key in sorted(PEAK_BF16_FLOPS, key=len, reverse=True):  # most specific first
+        if key.lower() in name.lower():
+            return PEAK_BF16_FLOPS[key]
+    log.warning("no peak FLOP/s known for %r: MFU not reported (add it to PEAK_BF16_FLOPS)", name)
+    return None
+
+
+def step_flops(model: JEPA, batch: dict[str, Tensor], recompute: bool) -> tuple[Tensor, Tensor]:
+    """(model FLOPs, hardware FLOPs) of one micro-batch, counting valid tokens only.
+
+    Model FLOPs: context encoder + predictor forward and backward (3x forward) plus the target
+    encoder's forward over the full window; attention over each row's actual length. Hardware
+    FLOPs add the recomputed forward of activation checkpointing.
+    """
+    enc, pred = model.encoder, model.predictor
+    n_win = batch["valid"].sum(1).float()
+    n_ctx = batch["ctx_valid"].sum(1).float()
+    n_tgt = batch["tgt_valid"].sum(1).float()
+    n_pred = n_ctx + n_tgt
+    # per row: tokens x FLOPs/token at that row's sequence length (attention term is linear in it)
+    enc_ctx = (n_ctx * (2.0 * _matmuls(enc) + 4.0 * enc.depth * n_ctx * enc.dim)).sum()
+    enc_win = (n_win * (2.0 * _matmuls(enc) + 4.0 * enc.depth * n_win * enc.dim)).sum()
+    pred_core = (n_pred * (2.0 * _matmuls(pred) + 4.0 * pred.depth * n_pred * pred.dim)).sum()
+    pred_io = 2.0 * enc.dim * pred.dim * (n_ctx.sum() + batch["tgt_sent_valid"].sum())
+    forward_trainable = enc_ctx + pred_core + pred_io
+    model_flops = 3.0 * forward_trainable + enc_win
+    hardware_flops = model_flops + forward_trainable if recompute else model_flops
+    return model_flops, hardware_flops  # 0-d tensors on the batch's device (no host sync)
+
+
+def _matmuls(module: Any) -> float:
+    hidden = int(module.dim * module.mlp_ratio)
+    return module.depth * (4 * module.dim * module.dim + 2 * module.dim * hidden)
+
+
+class RankWindow:
+    """Pooled target embeddings of the last ``size`` batches, for RankMe."""
+
+    def __init__(self, size: int) -> None:
+        self.batches: collections.deque[Tensor] = collections.deque(maxlen=size)
+
+    def add(self, z: Tensor) -> None:
+        self.batches.append(z.detach().float())
+
+    def effective_rank(self) -> float:
+        if not self.batches:
+            return math.nan
+        return effective_rank(torch.cat(list(self.batches)))
+
+
+class ScalarWriter:
+    """TensorBoard on rank 0 (the names are DESIGN.md's contract); a no-op elsewhere."""
+
+    def __init__(self, tb_dir: Path | None) -> None:
+        self.writer = None
+        if tb_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(tb_dir))
+
+    def write(self, step: int, scalars: dict[str, float | None]) -> None:
+        if self.writer is None:
+            return
+        for name, value in scalars.items():
+            if value is not None and not math.isnan(value):
+                self.writer.add_scalar(name, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def console_line(step: int, max_steps: int, s: dict[str, float | None]) -> str:
+    parts = [f"step {step}/{max_steps}", f"loss {s['train/loss']:.4f}", f"lr {s['train/lr']:.2e}"]
+    parts.append(f"tok/s {s['perf/tokens_per_s']:,.0f}")
+    parts.append(f"step {s['perf/step_ms']:.0f} ms")
+    if s.get("perf/mfu") is not None:
+        parts.append(f"mfu {100 * s['perf/mfu']:.1f}%")
+    parts.append(f"tgt_std {s['repr/target_std']:.3f}")
+    parts.append(f"rank {s['repr/effective_rank']:.1f}")
+    return " | ".join(parts)

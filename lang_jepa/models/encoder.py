@@ -1,0 +1,156 @@
+"""The text encoder (context encoder; the EMA target encoder is a copy) and the predictor."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .layers import BlockStack, forward_flops_per_token, init_weights, rope_cos_sin
+
+
+def pool_by_slot(x: Tensor, slot: Tensor, valid: Tensor, n_slots: int) -> Tensor:
+    """Mean of the token features of each slot.
+
+    x [B, N, D], slot [B, N] (slot id in 0..n_slots-1), valid [B, N] -> [B, n_slots, D].
+    A slot with no token gets zeros. Computed as a batched matmul with a one-hot pooling matrix.
+    Pooling runs in fp32 whatever the input dtype (bf16 cannot count past 256 tokens exactly).
+    """
+    onehot = torch.nn.functional.one_hot(slot, n_slots).float() * valid[..., None].float()
+    counts = onehot.sum(dim=1).clamp(min=1)  # [B, S]
+    return (torch.bmm(onehot.transpose(1, 2), x.float()) / counts[..., None]).to(x.dtype)
+
+
+def _rescale_residual_projections(stack: BlockStack) -> None:
+    """Scale each block's output projections by 1/sqrt(2 * layer) (I-JEPA, GPT-2)."""
+    for layer, block in enumerate(stack.blocks, start=1):
+        block.attn.proj.weight.data.div_(math.sqrt(2.0 * layer))
+        block.mlp.fc2.weight.data.div_(math.sqrt(2.0 * layer))
+
+
+class TextEncoder(nn.Module):
+    """Pre-LN transformer over token ids with explicit position ids.
+
+    forward(input_ids [B, N], position_ids [B, N], valid [B, N] | None) -> features [B, N, D].
+    ``N`` may be any subset of a window (the context encoder sees context tokens only): positions
+    are the tokens' true positions in the window, so nothing is lost by removing the targets.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        dim: int,
+        depth: int,
+        heads: int,
+        mlp_ratio: float = 4.0,
+        max_len: int = 512,
+        pos: str = "rope",
+        rope_theta: float = 10000.0,
+        norm_eps: float = 1e-6,
+        dropout: float = 0.0,
+        init_std: float = 0.02,
+    ) -> None:
+        super().__init__()
+        if pos not in ("rope", "learned"):
+            raise ValueError(f"pos must be 'rope' or 'learned', got {pos!r}")
+        self.dim, self.depth, self.heads, self.mlp_ratio = dim, depth, heads, mlp_ratio
+        self.pos, self.rope_theta, self.max_len = pos, rope_theta, max_len
+        self.tok_emb = nn.Embedding(vocab_size, dim)
+        self.pos_emb = nn.Embedding(max_len, dim) if pos == "learned" else None
+        self.stack = BlockStack(dim, depth, heads, mlp_ratio, norm_eps, dropout)
+        init_weights(self, init_std)
+        _rescale_residual_projections(self.stack)
+
+    @property
+    def activation_checkpointing(self) -> bool:
+        return self.stack.activation_checkpointing
+
+    @activation_checkpointing.setter
+    def activation_checkpointing(self, on: bool) -> None:
+        self.stack.activation_checkpointing = on
+
+    def forward(self, input_ids: Tensor, position_ids: Tensor, valid: Tensor | None = None) -> Tensor:
+        x = self.tok_emb(input_ids)
+        rope = None
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(position_ids)
+        else:
+            rope = rope_cos_sin(position_ids, self.dim // self.heads, self.rope_theta)
+        key_mask = None if valid is None or bool(valid.all()) else valid
+        return self.stack(x, rope, key_mask)
+
+    def flops_per_token(self, seq: int) -> float:
+        """Forward FLOPs per token attending over ``seq`` tokens (embedding lookups are free)."""
+        return forward_flops_per_token(self.dim, self.depth, self.mlp_ratio, seq)
+
+
+class Predictor(nn.Module):
+    """Narrow transformer predicting target-sentence embeddings from context features.
+
+    Input: context features [B, Nc, D] projected down to the predictor width, plus a learned mask
+    token at every target token position (with that token's true position), attended jointly.
+    Output: the mask-token outputs mean-pooled per target sentence and projected back up,
+    [B, S, D].
+    """
+
+    def __init__(
+        self,
+        enc_dim: int,
+        dim: int,
+        depth: int,
+        heads: int,
+        mlp_ratio: float = 4.0,
+        max_len: int = 512,
+        pos: str = "rope",
+        rope_theta: float = 10000.0,
+        norm_eps: float = 1e-6,
+        init_std: float = 0.02,
+    ) -> None:
+        super().__init__()
+        self.dim, self.depth, self.heads, self.mlp_ratio = dim, depth, heads, mlp_ratio
+        self.rope_theta = rope_theta
+        self.embed = nn.Linear(enc_dim, dim)
+        self.mask_token = nn.Parameter(torch.zeros(dim))
+        self.pos_emb = nn.Embedding(max_len, dim) if pos == "learned" else None
+        self.stack = BlockStack(dim, depth, heads, mlp_ratio, norm_eps)
+        self.out = nn.Linear(dim, enc_dim)
+        init_weights(self, init_std)
+        nn.init.trunc_normal_(self.mask_token, std=init_std)
+        _rescale_residual_projections(self.stack)
+
+    @property
+    def activation_checkpointing(self) -> bool:
+        return self.stack.activation_checkpointing
+
+    @activation_checkpointing.setter
+    def activation_checkpointing(self, on: bool) -> None:
+        self.stack.activation_checkpointing = on
+
+    def forward(
+        self,
+        ctx: Tensor,
+        ctx_pos: Tensor,
+        ctx_valid: Tensor,
+        tgt_pos: Tensor,
+        tgt_valid: Tensor,
+        tgt_sent: Tensor,
+        n_slots: int,
+    ) -> Tensor:
+        """ctx [B, Nc, D]; ctx_pos/ctx_valid [B, Nc]; tgt_pos/tgt_valid/tgt_sent [B, Nt] -> [B, S, D]."""
+        b, nt = tgt_pos.shape
+        x = torch.cat((self.embed(ctx), self.mask_token.expand(b, nt, -1).to(ctx.dtype)), dim=1)
+        pos = torch.cat((ctx_pos, tgt_pos), dim=1)
+        valid = torch.cat((ctx_valid, tgt_valid), dim=1)
+        rope = None
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(pos)
+        else:
+            rope = rope_cos_sin(pos, self.dim // self.heads, self.rope_theta)
+        key_mask = None if bool(valid.all()) else valid
+        x = self.stack(x, rope, key_mask)[:, ctx.shape[1] :]
+        return self.out(pool_by_slot(x, tgt_sent, tgt_valid, n_slots))
+
+    def flops_per_token(self, seq: int) -> float:
+        """Forward FLOPs per token (input/output projections counted per target token separately)."""
+        return forward_flops_per_token(self.dim, self.depth, self.mlp_ratio, seq)

@@ -1,0 +1,78 @@
+"""What made a run, saved with it: resolved config, git revision, package versions, manifest hash."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import logging
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from .config import Config, to_yaml
+
+PACKAGES = ("torch", "deepspeed", "transformers", "tokenizers", "webdataset", "blingfire", "numpy")
+
+
+def git_revision() -> str:
+    """``<sha>`` or ``<sha>-dirty`` of the source tree, or ``unknown`` outside git."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True
+        ).stdout.strip()
+        return f"{sha}-dirty" if dirty else sha
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for name in PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def run_info(cfg: Config, manifest_sha256: str, world_size: int, ds_config: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "git_revision": git_revision(),
+        "packages": package_versions(),
+        "manifest_sha256": manifest_sha256,
+        "world_size": world_size,
+        "deepspeed_config": ds_config,
+        "argv": sys.argv,
+    }
+
+
+def write_run_dir(run_dir: Path, cfg: Config, info: dict[str, Any]) -> None:
+    """Create the run directory layout and write config.yaml and run_info.json (rank 0)."""
+    for sub in ("tb", "checkpoints", "logs"):
+        (run_dir / sub).mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    (run_dir / "run_info.json").write_text(json.dumps(info, indent=2, default=str))
+
+
+def setup_logging(rank: int, run_dir: Path | None) -> logging.Logger:
+    """Rank 0 logs INFO to the console and ``run_dir/logs/train.log``; other ranks only warnings."""
+    log = logging.getLogger("lang_jepa")
+    log.handlers.clear()
+    log.propagate = False
+    fmt = logging.Formatter(f"%(asctime)s [rank{rank}] %(levelname)s %(message)s", "%H:%M:%S")
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(fmt)
+    log.addHandler(console)
+    log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    if run_dir is not None:
+        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(run_dir / "logs" / ("train.log" if rank == 0 else f"rank{rank}.log"))
+        handler.setFormatter(fmt)
+        log.addHandler(handler)
+    return log

@@ -1,0 +1,251 @@
+"""The training loop: set-up, the numbered train step, validation, logging, checkpoints."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import checkpoint, engine, schedules
+from .config import Config, resolve_batch, to_dict
+from .data import build_train_loader, build_val_loader, check_tokenizer
+from .ema import ema_update
+from .metrics import RankWindow, ScalarWriter, console_line, peak_flops, step_flops
+from .objective import (
+    JEPA,
+    build_models,
+    compute_targets,
+    jepa_loss,
+    move_batch,
+    representation_stats,
+)
+from .runinfo import run_info, setup_logging, write_run_dir
+from .shards import load_manifest, manifest_hash
+
+
+@dataclass
+class Accumulators:
+    """Sums kept on the device between logging steps (no host sync in the hot loop)."""
+
+    loss: Tensor
+    tokens: Tensor
+    samples: int = 0
+    micro_steps: int = 0
+    model_flops: Tensor | float = 0.0
+    t0: float = field(default_factory=time.perf_counter)
+
+    @classmethod
+    def zeros(cls, dev: torch.device) -> Accumulators:
+        return cls(loss=torch.zeros((), device=dev), tokens=torch.zeros((), device=dev))
+
+
+@dataclass
+class Trainer:
+    cfg: Config
+    eng: Any  # the DeepSpeed engine wrapping JEPA
+    target: torch.nn.Module  # EMA target encoder, fp32, outside the engine
+    dev: torch.device
+    rank: int
+    world: int
+    run_dir: Path
+    manifest_sha256: str
+    step: int = 0
+    autocast: torch.dtype | None = None
+    writer: ScalarWriter | None = None
+    ranks: RankWindow | None = None
+    loader: Any = None
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def model(self) -> JEPA:
+        return self.eng.module
+
+    def train_step(self, micro_batches: list[dict[str, Tensor]], acc: Accumulators) -> dict[str, Tensor]:
+        """One optimizer step over ``grad_accum_steps`` micro-batches (I-JEPA's train_step)."""
+        cfg, max_steps = self.cfg, self.cfg.train.max_steps
+        lr = schedules.learning_rate(self.step, max_steps, cfg.optim)
+        engine.apply_schedule(self.eng, lr, schedules.weight_decay(self.step, max_steps, cfg.optim))
+        for batch in micro_batches:
+            # 1. targets: EMA encoder on the full window, pooled per target sentence, no grad
+            targets = compute_targets(self.target, batch, self.autocast)
+            # 2. context encoder on context tokens only + predictor at the target positions
+            preds = self.eng(batch)
+            # 3. loss in embedding space
+            loss, parts = jepa_loss(preds, targets, batch["tgt_sent_valid"], cfg.loss)
+            # 4. backward and step (DeepSpeed steps the optimizer at the accumulation boundary)
+            self.eng.backward(loss)
+            self.eng.step()
+            acc.loss += loss.detach()
+            acc.tokens += batch["valid"].sum()
+            acc.samples += batch["valid"].shape[0]
+            acc.micro_steps += 1
+            if self.ranks is not None:
+                self.ranks.add(targets[batch["tgt_sent_valid"]])
+        # 5. EMA update of the target encoder from the fp32 master weights
+        self.update_target(schedules.ema_momentum(self.step, max_steps, cfg.optim))
+        self.step += 1
+        return {"preds": preds.detach(), "targets": targets, "slot_valid": batch["tgt_sent_valid"]}
+
+    def update_target(self, momentum: float) -> None:
+        fragments, partitioned = engine.fp32_fragments(self.model.encoder.parameters())
+        reduce = engine.dp_all_reduce if partitioned else None
+        ema_update(list(self.target.parameters()), fragments, momentum, reduce)
+
+    @torch.no_grad()
+    def validate(self, val_loader: Any) -> float:
+        """Mean loss over ``train.val_batches`` batches per rank (the same count on every rank)."""
+        self.eng.eval()
+        total = torch.zeros((), device=self.dev)
+        n = 0
+        for batch in val_loader:
+            batch = move_batch(batch, self.dev)
+            targets = compute_targets(self.target, batch, self.autocast)
+            loss, _ = jepa_loss(self.eng(batch), targets, batch["tgt_sent_valid"], self.cfg.loss)
+            total += loss
+            n += 1
+        self.eng.train()
+        return float(engine.all_reduce_mean(total / max(n, 1)))
+
+    def log_step(self, acc: Accumulators, last: dict[str, Tensor]) -> dict[str, float | None]:
+        """Scalars for TensorBoard and the console (the only host syncs of the loop)."""
+        stats = representation_stats(last["preds"], last["targets"], last["slot_valid"])
+        sums = torch.stack([acc.loss, acc.tokens])
+        engine.dp_all_reduce(sums)
+        elapsed = time.perf_counter() - acc.t0
+        steps = max(acc.micro_steps // self.cfg.train.grad_accum_steps, 1)
+        peak = peak_flops(self.dev)
+        flops_per_s = float(acc.model_flops) * self.world / elapsed
+        grad_norm = self.eng.get_global_grad_norm()
+        max_steps, o = self.cfg.train.max_steps, self.cfg.optim
+        scalars: dict[str, float | None] = {
+            "train/loss": float(sums[0]) / (acc.micro_steps * self.world),
+            "train/lr": schedules.learning_rate(self.step - 1, max_steps, o),
+            "train/wd": schedules.weight_decay(self.step - 1, max_steps, o),
+            "train/ema_momentum": schedules.ema_momentum(self.step - 1, max_steps, o),
+            "train/grad_norm": None if grad_norm is None else float(grad_norm),
+            "perf/tokens_per_s": float(sums[1]) / elapsed,
+            "perf/samples_per_s": acc.samples * self.world / elapsed,
+            "perf/step_ms": 1000.0 * elapsed / steps,
+            "perf/tflops_per_gpu": flops_per_s / 1e12,
+            "perf/mfu": None if peak is None else flops_per_s / peak,
+            "mem/max_allocated_gb": engine.max_allocated_gb(self.dev),
+            "repr/target_std": float(stats["target_std"]),
+            "repr/pred_std": float(stats["pred_std"]),
+            "repr/pred_target_cos": float(stats["pred_target_cos"]),
+            "repr/effective_rank": self.ranks.effective_rank() if self.ranks else math.nan,
+        }
+        return scalars
+
+    def save(self) -> None:
+        client_state = {
+            "step": self.step,
+            "target": self.target.state_dict(),
+            "loader": self.loader.state_dict() if self.loader is not None else None,
+            "rng": checkpoint.rng_state(),
+            "config": to_dict(self.cfg),
+            "manifest_sha256": self.manifest_sha256,
+        }
+        checkpoint.save(self.eng, self.run_dir / "checkpoints", self.step, client_state, self.cfg.train.keep_checkpoints)
+
+    def restore(self, ckpt_dir: Path, tag: str) -> None:
+        state = checkpoint.load(self.eng, ckpt_dir, tag)
+        if state.get("manifest_sha256") != self.manifest_sha256:
+            self.log.warning("checkpoint was made on other shards (manifest hash differs)")
+        self.step = int(state["step"])
+        self.target.load_state_dict(state["target"])
+        if self.loader is not None and state.get("loader") is not None:
+            self.loader.load_state_dict(state["loader"])
+        checkpoint.set_rng_state(state["rng"])
+
+    @property
+    def log(self):  # noqa: ANN201
+        import logging
+
+        return logging.getLogger("lang_jepa")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def setup(cfg: Config, ds_config_path: str) -> Trainer:
+    """Distributed start, run directory, models, engine, loaders; resume if asked."""
+    rank, local_rank, world = engine.init_distributed()
+    run_dir = Path(cfg.train.run_dir)
+    log = setup_logging(rank, run_dir)
+    dev = engine.device(local_rank)
+    manifest = load_manifest(cfg.data.shards)
+    check_tokenizer(cfg.data.shards, cfg.data.tokenizer)
+    vocab = cfg.model.vocab_size or int(manifest["tokenizer"]["vocab_size"])
+    if vocab < int(manifest["tokenizer"]["vocab_size"]):
+        raise ValueError(f"model.vocab_size={vocab} < the shards' vocabulary ({manifest['tokenizer']['vocab_size']})")
+    cfg.model.vocab_size = vocab
+    resolve_batch(cfg, world)
+    ds_config = engine.build_ds_config(ds_config_path, cfg, world)
+    seed_everything(cfg.train.seed)  # identical initial weights on every rank
+    model, target = build_models(cfg, vocab)
+    optimizer = engine.build_optimizer(engine.param_groups(model), cfg, ds_config)
+    eng = engine.initialize(model, optimizer, ds_config)
+    sha = manifest_hash(cfg.data.shards)
+    info = run_info(cfg, sha, world, ds_config)
+    if rank == 0:
+        write_run_dir(run_dir, cfg, info)
+    log.info("run %s | git %s | world %d | %s | ds %s", run_dir, info["git_revision"], world,
+             engine.accelerator_name(), ds_config_path)
+    n_enc = sum(p.numel() for p in target.parameters())
+    n_pred = sum(p.numel() for p in model.predictor.parameters())
+    log.info("encoder %.1fM params, predictor %.1fM params", n_enc / 1e6, n_pred / 1e6)
+    trainer = Trainer(cfg, eng, target.to(dev), dev, rank, world, run_dir, sha)
+    trainer.autocast = torch.bfloat16 if cfg.train.precision == "bf16" else None
+    trainer.ranks = RankWindow(cfg.log.rankme_window)
+    trainer.writer = ScalarWriter(run_dir / "tb" if rank == 0 and cfg.log.tensorboard else None)
+    trainer.loader = build_train_loader(cfg, rank, world)
+    where = checkpoint.resolve_resume(cfg.train.resume, run_dir / "checkpoints")
+    if where is not None:
+        trainer.restore(*where)
+    return trainer
+
+
+def run(trainer: Trainer) -> list[dict[str, float]]:
+    """Train to ``train.max_steps``; returns the logged scalars (rank 0's view)."""
+    cfg, t = trainer.cfg, trainer.cfg.train
+    val_loader = build_val_loader(cfg, trainer.rank, trainer.world) if t.val_interval > 0 else None
+    batches = iter(trainer.loader)
+    recompute = cfg.model.activation_checkpointing
+    acc = Accumulators.zeros(trainer.dev)
+    while trainer.step < t.max_steps:
+        micro = [move_batch(next(batches), trainer.dev) for _ in range(t.grad_accum_steps)]
+        for b in micro:
+            acc.model_flops = acc.model_flops + step_flops(trainer.model, b, recompute)[0]
+        last = trainer.train_step(micro, acc)
+        if trainer.step % t.log_interval == 0 or trainer.step == t.max_steps:
+            scalars = trainer.log_step(acc, last)
+            if val_loader is not None and (trainer.step % t.val_interval == 0 or trainer.step == t.max_steps):
+                scalars["val/loss"] = trainer.validate(val_loader)
+            _report(trainer, scalars)
+            acc = Accumulators.zeros(trainer.dev)
+        if t.save_interval > 0 and (trainer.step % t.save_interval == 0 or trainer.step == t.max_steps):
+            trainer.save()
+    if trainer.writer is not None:
+        trainer.writer.close()
+    return trainer.history
+
+
+def _report(trainer: Trainer, scalars: dict[str, float | None]) -> None:
+    if trainer.rank != 0:
+        return
+    trainer.writer.write(trainer.step, scalars)
+    trainer.history.append({"step": trainer.step, **{k: v for k, v in scalars.items() if v is not None}})
+    line = console_line(trainer.step, trainer.cfg.train.max_steps, scalars)
+    if "val/loss" in scalars:
+        line += f" | val {scalars['val/loss']:.4f}"
+    trainer.log.info(line)
