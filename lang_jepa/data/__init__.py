@@ -1,0 +1,1 @@
+"""Shards to batches: windows of whole sentences, pure-function masking, resumable loaders."""

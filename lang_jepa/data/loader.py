@@ -1,0 +1,316 @@
+"""Train and validation loaders: shards -> windows -> masks -> padded batches.
+
+Train stream (:class:`TrainLoader`)
+    Infinite: every (rank, worker) slot loops over epochs (epoch counter per slot), so every rank
+    yields as many batches as it is asked for and no rank can reach the end of its data while
+    another still waits in a collective (WebDataset's epoch-end hang). Training is counted in
+    steps, not epochs. Shards are split over ranks x workers with a per-epoch seeded shuffle (see
+    :mod:`lang_jepa.data.reader`), windows are shuffled in a seeded buffer, and each window's mask
+    comes from a generator hashed from (seed, epoch, document, window number).
+
+    The stream is a deterministic function of (seed, rank, world size, num_workers). Each worker
+    reports its position (epoch, windows taken in that epoch) with every batch; ``state_dict()``
+    holds those positions plus the batch count, and ``load_state_dict()`` makes the next batch
+    exactly the one the uninterrupted run would have produced next (same world size and workers).
+    Restoring replays only the current epoch's reading and shuffling up to the saved position;
+    skipped windows are neither masked nor collated.
+
+Validation stream (:class:`ValLoader`)
+    Exactly ``val_batches`` batches on every rank, deterministic (no shuffle, masks fixed by
+    ``train.seed``), built once and cached. A rank takes every ``world``-th window of the val
+    split and cycles them if it has too few.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from lang_jepa.config import Config, MaskConfig
+from lang_jepa.data.masking import collate, mask_window
+from lang_jepa.data.reader import (
+    ShardInfo,
+    check_tokenizer,
+    document_windows,
+    epoch_plan,
+    shuffled,
+    split_shards,
+)
+from lang_jepa.data.windows import Window, WindowCounters
+
+Batch = dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """Everything that determines a split's stream of batches (besides rank/world/workers)."""
+
+    shards: tuple[ShardInfo, ...]
+    seq_len: int
+    micro_batch: int
+    min_sentences: int
+    shuffle_buffer: int
+    seed: int
+    mask: MaskConfig
+
+    @classmethod
+    def from_config(cls, cfg: Config, split: str) -> StreamSpec:
+        return cls(
+            shards=tuple(split_shards(cfg.data.shards, split)),
+            seq_len=cfg.model.seq_len,
+            micro_batch=cfg.data.micro_batch_size,
+            min_sentences=cfg.data.min_sentences,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+            seed=cfg.train.seed,
+            mask=cfg.mask,
+        )
+
+
+def slot_batches(
+    spec: StreamSpec, slot: int, n_slots: int, worker: int, epoch: int = 0, skip: int = 0
+) -> Iterator[tuple[Batch, dict[str, Any]]]:
+    """The endless (batch, position) stream of one slot, starting at ``epoch`` after ``skip``
+    windows of that epoch's shuffled stream. Position = {worker, epoch, offset, counters}."""
+    counters = WindowCounters()
+    windows: list[Window] = []
+    masks = []
+    empty_epochs = 0
+    while True:
+        shards, stride = epoch_plan(list(spec.shards), slot, n_slots, spec.seed, epoch)
+        stream = document_windows(
+            shards, spec.seq_len, spec.min_sentences, counters, stride, slot if stride > 1 else 0
+        )
+        rng = np.random.default_rng([spec.seed, epoch, slot, 0x5EED])
+        offset = 0
+        for window in shuffled(stream, spec.shuffle_buffer, rng):
+            offset += 1
+            if offset <= skip:
+                continue
+            windows.append(window)
+            masks.append(mask_window(window, spec.mask, spec.seed, epoch))
+            if len(windows) == spec.micro_batch:
+                batch = collate(windows, masks, spec.seq_len)
+                windows, masks = [], []
+                pos = {"worker": worker, "epoch": epoch, "offset": offset}
+                yield batch, {**pos, "counters": counters.as_dict()}
+        empty_epochs = empty_epochs + 1 if offset == 0 else 0
+        if empty_epochs >= 2:
+            raise RuntimeError(
+                f"slot {slot} of {n_slots} (rank x worker) got no windows in two epochs in a row: "
+                "too few documents or all shorter than data.min_sentences sentences"
+            )
+        epoch, skip = epoch + 1, 0
+
+
+class TrainStream(IterableDataset):
+    """One rank's train stream as a DataLoader dataset; each worker runs its own slot.
+
+    ``start`` maps a logical worker to its (epoch, offset) position; ``rotation`` maps DataLoader
+    worker ``i`` to logical worker ``(i + rotation) % workers``, so that after a restore the first
+    batch fetched (from DataLoader worker 0) is the one the original round-robin would give next.
+    """
+
+    def __init__(
+        self,
+        spec: StreamSpec,
+        rank: int,
+        world_size: int,
+        workers: int,
+        start: dict[int, tuple[int, int]],
+        rotation: int,
+    ) -> None:
+        super().__init__()
+        self.spec, self.rank, self.world_size, self.workers = spec, rank, world_size, workers
+        self.start, self.rotation = start, rotation
+
+    def __iter__(self) -> Iterator[tuple[Batch, dict[str, Any]]]:
+        info = get_worker_info()
+        worker = ((info.id if info else 0) + self.rotation) % self.workers
+        epoch, skip = self.start.get(worker, (0, 0))
+        slot = self.rank * self.workers + worker
+        return slot_batches(self.spec, slot, self.world_size * self.workers, worker, epoch, skip)
+
+
+class TrainLoader:
+    """Endless iterator of train batches for one rank, with a resumable position.
+
+    ``next(loader)`` gives a batch dict (see :func:`lang_jepa.data.masking.collate`);
+    ``state_dict()`` / ``load_state_dict()`` save and restore the position; ``counters()`` sums the
+    workers' window counters (since this loader was created or restored).
+    """
+
+    def __init__(
+        self,
+        spec: StreamSpec,
+        rank: int,
+        world_size: int,
+        num_workers: int = 0,
+        prefetch_factor: int = 4,
+        pin_memory: bool = False,
+    ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
+        self.spec, self.rank, self.world_size = spec, rank, world_size
+        self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
+        self.pin_memory = pin_memory and torch.cuda.is_available()
+        self.workers = max(1, num_workers)
+        n_slots = world_size * self.workers
+        n_docs = sum(s.samples for s in spec.shards)
+        if len(spec.shards) < n_slots and n_docs < n_slots:
+            raise ValueError(
+                f"the train split has {n_docs} documents in {len(spec.shards)} shards, fewer than "
+                f"world size x data.num_workers = {n_slots}: lower data.num_workers"
+            )
+        self._batches = 0
+        self._positions: dict[int, tuple[int, int]] = {}
+        self._counters: dict[int, dict[str, int]] = {}
+        self._it: Iterator[tuple[Batch, dict[str, Any]]] | None = None
+
+    def _start(self) -> Iterator[tuple[Batch, dict[str, Any]]]:
+        dataset = TrainStream(
+            self.spec, self.rank, self.world_size, self.workers, dict(self._positions),
+            self._batches % self.workers,
+        )  # fmt: skip
+        extra: dict[str, Any] = {}
+        if self.num_workers > 0:
+            extra = {"persistent_workers": True, "prefetch_factor": self.prefetch_factor}
+        loader = DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            **extra,
+        )
+        return iter(loader)
+
+    def __iter__(self) -> TrainLoader:
+        return self
+
+    def __next__(self) -> Batch:
+        if self._it is None:
+            self._it = self._start()
+        batch, pos = next(self._it)
+        self._positions[pos["worker"]] = (pos["epoch"], pos["offset"])
+        self._counters[pos["worker"]] = pos["counters"]
+        self._batches += 1
+        return batch
+
+    @property
+    def epoch(self) -> int:
+        """The oldest epoch any worker of this rank is still in."""
+        return min((e for e, _ in self._positions.values()), default=0)
+
+    def counters(self) -> dict[str, int]:
+        """Window counters summed over this rank's workers (a flat dict for logging)."""
+        total = WindowCounters()
+        for c in self._counters.values():
+            total.add(WindowCounters(**c))
+        return {**total.as_dict(), "epoch": self.epoch, "batches": self._batches}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Small JSON-able position: batch count and each worker's (epoch, offset)."""
+        return {
+            "batches": self._batches,
+            "epoch": self.epoch,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "num_workers": self.num_workers,
+            "seed": self.spec.seed,
+            "positions": {str(w): list(p) for w, p in sorted(self._positions.items())},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a position saved by :meth:`state_dict` (same world size and num_workers)."""
+        mine = {
+            "world_size": self.world_size,
+            "num_workers": self.num_workers,
+            "seed": self.spec.seed,
+        }
+        for key, value in mine.items():
+            if state.get(key) != value:
+                raise ValueError(
+                    f"loader state was saved with {key}={state.get(key)}, this run has {value}: "
+                    "the exact data position can only be restored with the same value"
+                )
+        self.close()
+        self._batches = int(state["batches"])
+        self._positions = {int(w): (int(p[0]), int(p[1])) for w, p in state["positions"].items()}
+        self._counters = {}
+
+    def close(self) -> None:
+        """Stop the worker processes (a new iteration restarts them at the saved position)."""
+        it, self._it = self._it, None
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
+
+class ValLoader:
+    """``n_batches`` deterministic validation batches for one rank, built on first use, cached.
+
+    The cached tensors are returned on every iteration: do not modify them in place.
+    """
+
+    def __init__(self, spec: StreamSpec, rank: int, world_size: int, n_batches: int) -> None:
+        self.spec, self.rank, self.world_size, self.n_batches = spec, rank, world_size, n_batches
+        self._cache: list[Batch] | None = None
+
+    def __len__(self) -> int:
+        return self.n_batches
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self._cache is None:
+            self._cache = self._build()
+        return iter(self._cache)
+
+    def _windows(self, need: int) -> list[Window]:
+        """Every ``world``-th window of the split for this rank (all windows if it gets none)."""
+        spec, mine, first = self.spec, [], []
+        counters = WindowCounters()
+        stream = document_windows(spec.shards, spec.seq_len, spec.min_sentences, counters)
+        for j, window in enumerate(stream):
+            if j % self.world_size == self.rank:
+                mine.append(window)
+            if len(first) < need:
+                first.append(window)
+            if len(mine) >= need:
+                break
+        if not mine and not first:
+            urls = ", ".join(s.url for s in spec.shards)
+            raise ValueError(f"the val split ({urls}) holds no window of >= min_sentences")
+        return mine or first
+
+    def _build(self) -> list[Batch]:
+        b = self.spec.micro_batch
+        windows = self._windows(self.n_batches * b)
+        batches = []
+        for i in range(self.n_batches):
+            chosen = [windows[(i * b + j) % len(windows)] for j in range(b)]
+            masks = [mask_window(w, self.spec.mask, self.spec.seed, "val") for w in chosen]
+            batches.append(collate(chosen, masks, self.spec.seq_len))
+        return batches
+
+
+def build_train_loader(cfg: Config, rank: int, world_size: int) -> TrainLoader:
+    """The rank's endless train loader (checks the shards' tokenizer against data.tokenizer)."""
+    check_tokenizer(cfg.data.shards, cfg.data.tokenizer)
+    return TrainLoader(
+        StreamSpec.from_config(cfg, "train"),
+        rank,
+        world_size,
+        num_workers=cfg.data.num_workers,
+        prefetch_factor=cfg.data.prefetch_factor,
+        pin_memory=cfg.data.pin_memory,
+    )
+
+
+def build_val_loader(cfg: Config, rank: int, world_size: int) -> ValLoader:
+    """The rank's ``train.val_batches`` validation batches (same count on every rank)."""
+    check_tokenizer(cfg.data.shards, cfg.data.tokenizer)
+    return ValLoader(StreamSpec.from_config(cfg, "val"), rank, world_size, cfg.train.val_batches)

@@ -1,0 +1,210 @@
+"""Masking as pure functions: target sentences, context/target index tensors, and the collate.
+
+The three steps, each testable with plain tensors:
+
+1. :func:`sample_target_sentences` (sentence lengths, MaskConfig, torch.Generator) -> target blocks,
+   each a run of whole consecutive sentences.
+2. :func:`mask_indices` (sentence offsets, blocks) -> context token indices, target token indices
+   and the target-sentence slot of every target token. Context and targets are disjoint and cover
+   the window; the context encoder receives only ``ctx_index`` tokens, never a target token.
+3. :func:`collate` pads a list of masked windows into the batch contract (see its docstring).
+
+:func:`window_generator` derives each window's generator from (seed, epoch, document, window
+number) by hashing, so a window's mask does not depend on worker count or on what came before it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from lang_jepa.config import MaskConfig
+from lang_jepa.data.windows import Window, stable_hash63
+
+PAD_MULTIPLE = 8  # ctx / tgt lengths are rounded up to this (friendlier kernel shapes)
+
+
+def window_generator(seed: int, epoch: int | str, doc_key: str, window: int) -> torch.Generator:
+    """A CPU generator seeded by a stable hash of (seed, epoch, document key, window number)."""
+    return torch.Generator().manual_seed(stable_hash63(seed, epoch, doc_key, window))
+
+
+class _Uniforms:
+    """Uniform [0, 1) draws from a torch.Generator, fetched 16 at a time (one call, not many)."""
+
+    def __init__(self, generator: torch.Generator) -> None:
+        self.generator = generator
+        self.buf: list[float] = []
+
+    def __call__(self) -> float:
+        if not self.buf:
+            self.buf = torch.rand(16, generator=self.generator, dtype=torch.float64).tolist()
+        return self.buf.pop()
+
+
+def _block_options(free: np.ndarray, cum: np.ndarray, start: int, gap: bool) -> np.ndarray:
+    """Token counts of blocks starting at ``start`` with 1, 2, ... sentences (index k -> k + 1).
+
+    A block runs over free sentences only; with ``gap`` it also stops one sentence short of an
+    existing block, so that blocks stay separated by context.
+    """
+    n = len(free)
+    end = start
+    while end < n and free[end] and (not gap or end + 1 >= n or free[end + 1]):
+        end += 1
+    return cum[start + 1 : end + 1] - cum[start]
+
+
+def _place_block(
+    free: np.ndarray, cum: np.ndarray, want: float, budget: int, u: _Uniforms
+) -> tuple[int, int] | None:
+    """Pick a random start and the sentence count whose tokens are closest to ``want``.
+
+    Respects ``budget`` (target tokens still allowed) and leaves at least one free sentence.
+    Tries starts separated from existing blocks first, then adjacent ones. Returns (start, k).
+    """
+    for gap in (True, False):
+        if gap:
+            left_ok = np.concatenate(([True], free[:-1]))
+            candidates = np.flatnonzero(free & left_ok)
+        else:
+            candidates = np.flatnonzero(free)
+        order = torch.randperm(len(candidates), generator=u.generator).numpy()
+        for start in candidates[order].tolist():
+            sizes = _block_options(free, cum, start, gap)
+            n_free = int(free.sum())
+            ks = np.arange(1, len(sizes) + 1)
+            ok = (sizes <= budget) & (ks <= n_free - 1)
+            if not ok.any():
+                continue
+            cost = np.where(ok, np.abs(sizes - want), np.inf)
+            return start, int(np.argmin(cost)) + 1
+    return None
+
+
+def sample_target_sentences(
+    sent_lengths: np.ndarray | Tensor, cfg: MaskConfig, generator: torch.Generator
+) -> list[list[int]]:
+    """Choose target blocks: 1..max_blocks runs of whole consecutive sentences, disjoint.
+
+    ``sent_lengths`` [n] are the window's sentence lengths in tokens. The number of blocks is drawn
+    in [min_blocks, max_blocks]; each block's size is the run of sentences whose token count is
+    closest to a fraction of the window drawn in [min_block_frac, max_block_frac] (at least one
+    sentence). The context keeps >= min_context_frac of the tokens and at least one sentence, so
+    a block that cannot fit is dropped; fewer than min_blocks blocks happen only when the window is
+    too small for them. Blocks are returned sorted by first sentence.
+    """
+    lengths = np.asarray(sent_lengths, dtype=np.int64)
+    n = len(lengths)
+    if n < 2:
+        raise ValueError(f"a window needs at least 2 sentences to mask, got {n}")
+    cum = np.concatenate(([0], np.cumsum(lengths)))
+    total = int(cum[-1])
+    u = _Uniforms(generator)
+    n_blocks = cfg.min_blocks + int(u() * (cfg.max_blocks - cfg.min_blocks + 1))  # u < 1
+    budget = total - math.ceil(cfg.min_context_frac * total)
+    free = np.ones(n, dtype=bool)
+    blocks: list[list[int]] = []
+    for _ in range(n_blocks):
+        frac = cfg.min_block_frac + (cfg.max_block_frac - cfg.min_block_frac) * u()
+        placed = _place_block(free, cum, frac * total, budget, u)
+        if placed is None:
+            break
+        start, k = placed
+        free[start : start + k] = False
+        budget -= int(cum[start + k] - cum[start])
+        blocks.append(list(range(start, start + k)))
+    if not blocks:  # even the smallest sentence would break min_context_frac: keep one target
+        smallest = int(np.argmin(lengths))
+        blocks.append([smallest])
+    return sorted(blocks)
+
+
+class WindowMask(NamedTuple):
+    """Index tensors of one window (all int64, token indices into the window)."""
+
+    ctx_index: Tensor  # [n_ctx] increasing
+    tgt_index: Tensor  # [n_tgt] increasing
+    tgt_sent: Tensor  # [n_tgt] slot 0..S-1 of each target token's sentence
+    n_tgt_sents: int  # S
+
+
+def mask_indices(offsets: np.ndarray | Tensor, blocks: list[list[int]]) -> WindowMask:
+    """Context / target token indices of a window from its sentence offsets and target blocks.
+
+    ``offsets`` [s + 1] sentence boundaries of the window (starting at 0); ``blocks`` lists of
+    sentence numbers. Target slots number the target sentences in order (0..S-1). Vectorised: one
+    ``np.repeat`` gather, no loop per token.
+    """
+    off = np.asarray(offsets, dtype=np.int64)
+    n_tokens = int(off[-1])
+    tgt_sents = np.unique(np.asarray([s for b in blocks for s in b], dtype=np.int64))
+    starts, ends = off[tgt_sents], off[tgt_sents + 1]
+    lens = ends - starts
+    slot = np.repeat(np.arange(len(tgt_sents), dtype=np.int64), lens)
+    first = np.repeat(np.cumsum(lens) - lens, lens)
+    tgt = np.repeat(starts, lens) + (np.arange(len(slot), dtype=np.int64) - first)
+    is_tgt = np.zeros(n_tokens, dtype=bool)
+    is_tgt[tgt] = True
+    ctx = np.flatnonzero(~is_tgt)
+    return WindowMask(
+        torch.from_numpy(ctx), torch.from_numpy(tgt), torch.from_numpy(slot), len(tgt_sents)
+    )
+
+
+def mask_window(window: Window, cfg: MaskConfig, seed: int, epoch: int | str) -> WindowMask:
+    """Sample and index the mask of one window with its hash-derived generator."""
+    g = window_generator(seed, epoch, window.doc_key, window.index)
+    blocks = sample_target_sentences(np.diff(window.offsets), cfg, g)
+    return mask_indices(window.offsets, blocks)
+
+
+def _round_up(n: int, multiple: int, cap: int) -> int:
+    return min(max(multiple, -(-n // multiple) * multiple), cap)
+
+
+def collate(windows: list[Window], masks: list[WindowMask], seq_len: int) -> dict[str, Tensor]:
+    """Pad masked windows into the batch contract (B windows, L = seq_len).
+
+    Returns int64 / bool tensors:
+    ``input_ids`` [B, L] (0-padded), ``valid`` [B, L], ``position_ids`` [B, L] (0..n-1, 0 on
+    padding), ``ctx_index`` / ``ctx_valid`` [B, Nc], ``tgt_index`` / ``tgt_sent`` / ``tgt_valid``
+    [B, Nt] (index paddings are 0), ``tgt_sent_valid`` [B, S], ``doc_index`` [B]. Nc and Nt are the
+    batch maxima rounded up to a multiple of 8 (at most L); S is the most target sentences.
+    """
+    b = len(windows)
+    lens = np.fromiter((w.n_tokens for w in windows), dtype=np.int64, count=b)
+    n_ctx = np.fromiter((len(m.ctx_index) for m in masks), dtype=np.int64, count=b)
+    n_tgt = np.fromiter((len(m.tgt_index) for m in masks), dtype=np.int64, count=b)
+    nc = _round_up(int(n_ctx.max()), PAD_MULTIPLE, seq_len)
+    nt = _round_up(int(n_tgt.max()), PAD_MULTIPLE, seq_len)
+    s = max(m.n_tgt_sents for m in masks)
+    input_ids = np.zeros((b, seq_len), dtype=np.int64)
+    ctx_index = np.zeros((b, nc), dtype=np.int64)
+    tgt_index = np.zeros((b, nt), dtype=np.int64)
+    tgt_sent = np.zeros((b, nt), dtype=np.int64)
+    for i, (w, m) in enumerate(zip(windows, masks, strict=True)):
+        input_ids[i, : lens[i]] = w.tokens
+        ctx_index[i, : n_ctx[i]] = m.ctx_index.numpy()
+        tgt_index[i, : n_tgt[i]] = m.tgt_index.numpy()
+        tgt_sent[i, : n_tgt[i]] = m.tgt_sent.numpy()
+    n_sents = np.fromiter((m.n_tgt_sents for m in masks), dtype=np.int64, count=b)
+    ar = np.arange(seq_len, dtype=np.int64)
+    valid = ar[None, :] < lens[:, None]
+    doc_index = np.fromiter((w.doc_index for w in windows), dtype=np.int64, count=b)
+    return {
+        "input_ids": torch.from_numpy(input_ids),
+        "valid": torch.from_numpy(valid),
+        "position_ids": torch.from_numpy(np.where(valid, ar[None, :], 0)),
+        "ctx_index": torch.from_numpy(ctx_index),
+        "ctx_valid": torch.from_numpy(ar[None, :nc] < n_ctx[:, None]),
+        "tgt_index": torch.from_numpy(tgt_index),
+        "tgt_valid": torch.from_numpy(ar[None, :nt] < n_tgt[:, None]),
+        "tgt_sent": torch.from_numpy(tgt_sent),
+        "tgt_sent_valid": torch.from_numpy(np.arange(s)[None, :] < n_sents[:, None]),
+        "doc_index": torch.from_numpy(doc_index),
+    }
