@@ -154,17 +154,28 @@ def apply_schedule(engine: Any, lr: float, wd: float) -> None:
         group["weight_decay"] = wd * group.get("wd_mult", 1.0)
 
 
-def fp32_fragments(params: Iterable[nn.Parameter]) -> tuple[list[list[Fragment]], bool]:
+def _unfused_masters(optimizer: Any) -> dict[int, Tensor]:
+    """ZeRO-0 with bf16 wraps the optimizer in FP16_UnfusedOptimizer, which keeps whole fp32
+    masters beside the bf16 weights: map id(bf16 param) -> its fp32 master."""
+    lp_groups, hp_groups = getattr(optimizer, "fp16_groups", None), getattr(optimizer, "fp32_groups", None)
+    if not lp_groups or not hp_groups:
+        return {}
+    return {id(lp): hp for lg, hg in zip(lp_groups, hp_groups, strict=True) for lp, hp in zip(lg, hg, strict=True)}
+
+
+def fp32_fragments(params: Iterable[nn.Parameter], optimizer: Any = None) -> tuple[list[list[Fragment]], bool]:
     """This rank's fp32 master slices of each parameter, and whether they are partitioned.
 
     ZeRO-3: the rank's partition of the flattened parameter; ZeRO-1/2 and the bf16 optimizer:
-    the fragment the rank's optimizer owns (``_hp_mapping``); plain fp32 ZeRO-0: the whole
-    parameter. Returns (fragments per parameter, partitioned).
+    the fragment the rank's optimizer owns (``_hp_mapping``); ZeRO-0: the whole fp32 parameter
+    (the fp32 master of the engine's ``optimizer`` under bf16). Returns (fragments per parameter,
+    partitioned).
     """
     from deepspeed.utils import safe_get_local_fp32_param
 
     out: list[list[Fragment]] = []
     partitioned = False
+    masters = _unfused_masters(optimizer)
     for p in params:
         if hasattr(p, "ds_id"):  # ZeRO-3
             partitioned = True
@@ -182,7 +193,10 @@ def fp32_fragments(params: Iterable[nn.Parameter]) -> tuple[list[list[Fragment]]
             else:
                 out.append([(mapping.lp_fragment_address.start, mapping.get_hp_fragment().reshape(-1))])
         else:
-            out.append([(0, p.detach().reshape(-1))])
+            master = masters.get(id(p), p)
+            if master.dtype != torch.float32:
+                raise RuntimeError("no fp32 master weights found for the EMA update")
+            out.append([(0, master.detach().reshape(-1))])
     return out, partitioned
 
 

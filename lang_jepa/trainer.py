@@ -94,7 +94,7 @@ class Trainer:
         return {"preds": preds.detach(), "targets": targets, "slot_valid": batch["tgt_sent_valid"]}
 
     def update_target(self, momentum: float) -> None:
-        fragments, partitioned = engine.fp32_fragments(self.model.encoder.parameters())
+        fragments, partitioned = engine.fp32_fragments(self.model.encoder.parameters(), self.eng.optimizer)
         reduce = engine.dp_all_reduce if partitioned else None
         ema_update(list(self.target.parameters()), fragments, momentum, reduce)
 
