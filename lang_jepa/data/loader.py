@@ -13,7 +13,9 @@ Train stream (:class:`TrainLoader`)
     holds those positions plus the batch count, and ``load_state_dict()`` makes the next batch
     exactly the one the uninterrupted run would have produced next (same world size and workers).
     Restoring replays only the current epoch's reading and shuffling up to the saved position;
-    skipped windows are neither masked nor collated.
+    skipped windows are neither masked nor collated. A state saved by another rank (checkpoints
+    that keep rank 0's client state only) still restores exactly: the batch count is the same on
+    every rank, and each worker then replays its share from the start (slower, same result).
 
 Validation stream (:class:`ValLoader`)
     Exactly ``val_batches`` batches on every rank, deterministic (no shuffle, masks fixed by
@@ -76,7 +78,8 @@ def slot_batches(
     spec: StreamSpec, slot: int, n_slots: int, worker: int, epoch: int = 0, skip: int = 0
 ) -> Iterator[tuple[Batch, dict[str, Any]]]:
     """The endless (batch, position) stream of one slot, starting at ``epoch`` after ``skip``
-    windows of that epoch's shuffled stream. Position = {worker, epoch, offset, counters}."""
+    windows of the shuffled stream (``skip`` may run past the end of that epoch).
+    Position = {worker, epoch, offset (windows taken in that epoch), counters}."""
     counters = WindowCounters()
     windows: list[Window] = []
     masks = []
@@ -90,7 +93,8 @@ def slot_batches(
         offset = 0
         for window in shuffled(stream, spec.shuffle_buffer, rng):
             offset += 1
-            if offset <= skip:
+            if skip > 0:
+                skip -= 1
                 continue
             windows.append(window)
             masks.append(mask_window(window, spec.mask, spec.seed, epoch))
@@ -105,7 +109,7 @@ def slot_batches(
                 f"slot {slot} of {n_slots} (rank x worker) got no windows in two epochs in a row: "
                 "too few documents or all shorter than data.min_sentences sentences"
             )
-        epoch, skip = epoch + 1, 0
+        epoch += 1
 
 
 class TrainStream(IterableDataset):
@@ -240,8 +244,14 @@ class TrainLoader:
                 )
         self.close()
         self._batches = int(state["batches"])
-        self._positions = {int(w): (int(p[0]), int(p[1])) for w, p in state["positions"].items()}
         self._counters = {}
+        if state.get("rank") == self.rank and "positions" in state:
+            saved = state["positions"].items()
+            self._positions = {int(w): (int(p[0]), int(p[1])) for w, p in saved}
+            return
+        # Another rank's state: worker w produced batches j = w, w + W, ... < batches; replay.
+        b, n = self.spec.micro_batch, self._batches
+        self._positions = {w: (0, len(range(w, n, self.workers)) * b) for w in range(self.workers)}
 
     def close(self) -> None:
         """Stop the worker processes (a new iteration restarts them at the saved position)."""
