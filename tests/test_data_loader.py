@@ -147,6 +147,12 @@ def test_too_few_documents_for_the_slots_is_refused(tmp_path: Path):
         TrainLoader(StreamSpec.from_config(_cfg(d), "train"), rank=0, world_size=2, num_workers=2)
 
 
+def test_empty_val_split_is_refused_at_start(tmp_path: Path):
+    d = write_shards(tmp_path, {"train": [DOCS[:3]], "val": []})
+    with pytest.raises(ValueError, match="val split is empty"):
+        build_val_loader(_cfg(d), 0, 1)
+
+
 def test_tokenizer_mismatch_is_refused_naming_the_shards(tmp_path: Path):
     from transformers import AutoTokenizer
 

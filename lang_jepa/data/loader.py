@@ -310,8 +310,11 @@ class ValLoader:
 def build_train_loader(cfg: Config, rank: int, world_size: int) -> TrainLoader:
     """The rank's endless train loader (checks the shards' tokenizer against data.tokenizer)."""
     check_tokenizer(cfg.data.shards, cfg.data.tokenizer)
+    spec = StreamSpec.from_config(cfg, "train")
+    if not any(s.samples for s in spec.shards):
+        raise ValueError(f"{cfg.data.shards}: the train split is empty")
     return TrainLoader(
-        StreamSpec.from_config(cfg, "train"),
+        spec,
         rank,
         world_size,
         num_workers=cfg.data.num_workers,
@@ -323,4 +326,10 @@ def build_train_loader(cfg: Config, rank: int, world_size: int) -> TrainLoader:
 def build_val_loader(cfg: Config, rank: int, world_size: int) -> ValLoader:
     """The rank's ``train.val_batches`` validation batches (same count on every rank)."""
     check_tokenizer(cfg.data.shards, cfg.data.tokenizer)
-    return ValLoader(StreamSpec.from_config(cfg, "val"), rank, world_size, cfg.train.val_batches)
+    spec = StreamSpec.from_config(cfg, "val")
+    if not any(s.samples for s in spec.shards):
+        raise ValueError(
+            f"{cfg.data.shards}: the val split is empty; rebuild the shards with a val split or "
+            "set train.val_interval=0"
+        )
+    return ValLoader(spec, rank, world_size, cfg.train.val_batches)
