@@ -144,22 +144,27 @@ class Trainer:
         return scalars
 
     def save(self) -> None:
-        client_state = {
+        state = {
             "step": self.step,
-            "target": self.target.state_dict(),
             "loader": self.loader.state_dict() if self.loader is not None else None,
             "rng": checkpoint.rng_state(),
-            "config": to_dict(self.cfg),
-            "manifest_sha256": self.manifest_sha256,
         }
-        checkpoint.save(self.eng, self.run_dir / "checkpoints", self.step, client_state, self.cfg.train.keep_checkpoints)
+        meta = {
+            "step": self.step,
+            "world_size": self.world,
+            "zero_stage": self.eng.zero_optimization_stage(),
+            "manifest_sha256": self.manifest_sha256,
+            "config": to_dict(self.cfg),
+        }
+        checkpoint.save(self.eng, self.run_dir / "checkpoints", state, self.target, meta,
+                        self.cfg.train.keep_checkpoints, engine.barrier)
 
     def restore(self, ckpt_dir: Path, tag: str) -> None:
-        state = checkpoint.load(self.eng, ckpt_dir, tag)
-        if state.get("manifest_sha256") != self.manifest_sha256:
-            self.log.warning("checkpoint was made on other shards (manifest hash differs)")
+        meta = checkpoint.read_meta(ckpt_dir, tag)
+        if meta.get("manifest_sha256") != self.manifest_sha256:
+            self.log.warning("checkpoint %s was made on other shards (manifest hash differs)", tag)
+        state = checkpoint.load(self.eng, ckpt_dir, tag, self.target)
         self.step = int(state["step"])
-        self.target.load_state_dict(state["target"])
         if self.loader is not None and state.get("loader") is not None:
             self.loader.load_state_dict(state["loader"])
         checkpoint.set_rng_state(state["rng"])
