@@ -22,7 +22,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from lang_jepa.config import ConfigError, load_config
-    from lang_jepa.trainer import run, setup
+    from lang_jepa.trainer import NonFiniteLoss, run, setup
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -30,8 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    run(trainer)
-    return 0
+    try:
+        return run(trainer)
+    except NonFiniteLoss as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

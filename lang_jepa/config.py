@@ -108,6 +108,8 @@ class TrainConfig:
     log_interval: int = 10
     save_interval: int = 1000
     keep_checkpoints: int = 3
+    nonfinite: str = "stop"  # stop | skip: a NaN/inf loss stops the run, or its step is skipped
+    max_skipped_steps: int = 100  # with nonfinite=skip, stop after this many skipped steps
     val_interval: int = 500  # 0 disables validation
     val_batches: int = 8  # per rank, the same on every rank
 
@@ -196,6 +198,7 @@ def validate(cfg: Config) -> None:
     _check(t.grad_accum_steps >= 1, "train.grad_accum_steps", "must be >= 1")
     _check(cfg.data.micro_batch_size >= 1, "data.micro_batch_size", "must be >= 1")
     _check(t.log_interval >= 1, "train.log_interval", "must be >= 1")
+    _check(t.nonfinite in ("stop", "skip"), "train.nonfinite", f"{t.nonfinite!r} is not stop | skip")
     _check(t.resume in ("auto", "none") or len(t.resume) > 0, "train.resume", "auto | none | a path")
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import random
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,11 +33,35 @@ from .runinfo import run_info, setup_logging, write_run_dir
 from .shards import load_manifest, manifest_hash
 
 
+EXIT_REQUEUE = 75  # EX_TEMPFAIL: checkpoint written after SIGTERM/SIGUSR1; slurm/pretrain.sh requeues
+FAULT_NAN_ENV = "LANG_JEPA_FAULT_NAN_STEP"  # test-only fault injection: NaN loss at this step
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or inf (train.nonfinite=stop, or too many skipped steps)."""
+
+
+class StopRequest:
+    """Records SIGTERM / SIGUSR1 (what SLURM sends before preemption or the time limit); the loop
+    acts on it only at a step boundary that every rank agrees on."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.signum = signum
+
+
 @dataclass
 class Accumulators:
     """Sums kept on the device between logging steps (no host sync in the hot loop)."""
 
-    loss: Tensor
+    loss: Tensor  # sum of the finite micro-batch losses
+    finite: Tensor  # how many micro-batch losses were finite
     tokens: Tensor
     samples: int = 0
     micro_steps: int = 0
@@ -43,7 +70,8 @@ class Accumulators:
 
     @classmethod
     def zeros(cls, dev: torch.device) -> Accumulators:
-        return cls(loss=torch.zeros((), device=dev), tokens=torch.zeros((), device=dev))
+        zero = lambda: torch.zeros((), device=dev)  # noqa: E731
+        return cls(loss=zero(), finite=zero(), tokens=zero())
 
 
 @dataclass
@@ -62,6 +90,10 @@ class Trainer:
     ranks: RankWindow | None = None
     loader: Any = None
     history: list[dict[str, float]] = field(default_factory=list)
+    stop: StopRequest = field(default_factory=StopRequest)
+    stop_agreed: bool = False
+    skipped_steps: int = 0
+    fault_nan_step: int = -1
 
     @property
     def model(self) -> JEPA:
@@ -70,6 +102,7 @@ class Trainer:
     def train_step(self, micro_batches: list[dict[str, Tensor]], acc: Accumulators) -> dict[str, Tensor]:
         """One optimizer step over ``grad_accum_steps`` micro-batches (I-JEPA's train_step)."""
         cfg, max_steps = self.cfg, self.cfg.train.max_steps
+        nonfinite = torch.zeros((), device=self.dev)
         lr = schedules.learning_rate(self.step, max_steps, cfg.optim)
         engine.apply_schedule(self.eng, lr, schedules.weight_decay(self.step, max_steps, cfg.optim))
         for batch in micro_batches:
@@ -79,19 +112,50 @@ class Trainer:
             preds = self.eng(batch)
             # 3. loss in embedding space
             loss, parts = jepa_loss(preds, targets, batch["tgt_sent_valid"], cfg.loss)
+            if self.step == self.fault_nan_step:
+                loss = loss * float("nan")
+            nonfinite = nonfinite + (~torch.isfinite(loss.detach())).float()
             # 4. backward and step (DeepSpeed steps the optimizer at the accumulation boundary)
             self.eng.backward(loss)
             self.eng.step()
-            acc.loss += loss.detach()
+            finite = torch.isfinite(loss.detach())
+            acc.loss += torch.where(finite, loss.detach(), 0.0)
+            acc.finite += finite.float()
             acc.tokens += batch["valid"].sum()
             acc.samples += batch["valid"].shape[0]
             acc.micro_steps += 1
             if self.ranks is not None:
                 self.ranks.add(targets[batch["tgt_sent_valid"]])
+        applied = self.agree_on_step(nonfinite)
         # 5. EMA update of the target encoder from the fp32 master weights
-        self.update_target(schedules.ema_momentum(self.step, max_steps, cfg.optim))
+        if applied:
+            self.update_target(schedules.ema_momentum(self.step, max_steps, cfg.optim))
         self.step += 1
         return {"preds": preds.detach(), "targets": targets, "slot_valid": batch["tgt_sent_valid"]}
+
+    def agree_on_step(self, nonfinite: Tensor) -> bool:
+        """One all-reduce per step: did any rank see a non-finite loss, or a stop signal?
+
+        Returns whether the optimizer step was applied. Every rank takes the same decision.
+        """
+        flags = torch.stack([nonfinite, torch.tensor(float(self.stop.signum is not None), device=self.dev)])
+        engine.dp_all_reduce(flags)
+        bad, stop = (float(x) for x in flags.tolist())
+        self.stop_agreed = self.stop_agreed or stop > 0
+        if bad == 0:
+            return True
+        latest = checkpoint.latest_tag(self.run_dir / "checkpoints") or "none yet"
+        if self.cfg.train.nonfinite == "stop":
+            raise NonFiniteLoss(f"non-finite loss at step {self.step}; stopping. The last good "
+                                f"checkpoint is {latest} (train.nonfinite=skip skips such steps)")
+        if self.eng.was_step_applied():
+            raise NonFiniteLoss(f"non-finite loss at step {self.step} and DeepSpeed applied the "
+                                "update anyway (no overflow check in this engine configuration)")
+        self.skipped_steps += 1
+        self.log.warning("non-finite loss at step %d: step skipped (%d so far)", self.step, self.skipped_steps)
+        if self.skipped_steps > self.cfg.train.max_skipped_steps:
+            raise NonFiniteLoss(f"{self.skipped_steps} steps skipped for non-finite losses (step {self.step})")
+        return False
 
     def update_target(self, momentum: float) -> None:
         fragments, partitioned = engine.fp32_fragments(self.model.encoder.parameters(), self.eng.optimizer)
@@ -116,7 +180,7 @@ class Trainer:
     def log_step(self, acc: Accumulators, last: dict[str, Tensor]) -> dict[str, float | None]:
         """Scalars for TensorBoard and the console (the only host syncs of the loop)."""
         stats = representation_stats(last["preds"], last["targets"], last["slot_valid"])
-        sums = torch.stack([acc.loss, acc.tokens])
+        sums = torch.stack([acc.loss, acc.tokens, acc.finite])
         engine.dp_all_reduce(sums)
         elapsed = time.perf_counter() - acc.t0
         steps = max(acc.micro_steps // self.cfg.train.grad_accum_steps, 1)
@@ -125,7 +189,7 @@ class Trainer:
         grad_norm = self.eng.get_global_grad_norm()
         max_steps, o = self.cfg.train.max_steps, self.cfg.optim
         scalars: dict[str, float | None] = {
-            "train/loss": float(sums[0]) / (acc.micro_steps * self.world),
+            "train/loss": float(sums[0]) / max(float(sums[2]), 1.0),
             "train/lr": schedules.learning_rate(self.step - 1, max_steps, o),
             "train/wd": schedules.weight_decay(self.step - 1, max_steps, o),
             "train/ema_momentum": schedules.ema_momentum(self.step - 1, max_steps, o),
@@ -214,15 +278,18 @@ def setup(cfg: Config, ds_config_path: str) -> Trainer:
     trainer.ranks = RankWindow(cfg.log.rankme_window)
     trainer.writer = ScalarWriter(run_dir / "tb" if rank == 0 and cfg.log.tensorboard else None)
     trainer.loader = build_train_loader(cfg, rank, world)
+    trainer.fault_nan_step = int(os.environ.get(FAULT_NAN_ENV, -1))
     where = checkpoint.resolve_resume(cfg.train.resume, run_dir / "checkpoints")
     if where is not None:
         trainer.restore(*where)
     return trainer
 
 
-def run(trainer: Trainer) -> list[dict[str, float]]:
-    """Train to ``train.max_steps``; returns the logged scalars (rank 0's view)."""
+def run(trainer: Trainer) -> int:
+    """Train to ``train.max_steps``. Returns 0, or :data:`EXIT_REQUEUE` after a stop signal
+    (a checkpoint of the agreed step has been written)."""
     cfg, t = trainer.cfg, trainer.cfg.train
+    trainer.stop.install()
     val_loader = build_val_loader(cfg, trainer.rank, trainer.world) if t.val_interval > 0 else None
     batches = iter(trainer.loader)
     recompute = cfg.model.activation_checkpointing
@@ -238,18 +305,26 @@ def run(trainer: Trainer) -> list[dict[str, float]]:
                 scalars["val/loss"] = trainer.validate(val_loader)
             _report(trainer, scalars)
             acc = Accumulators.zeros(trainer.dev)
+        if trainer.stop_agreed:
+            trainer.log.warning("stop signal: checkpointing step %d, exiting with %d for requeue",
+                                trainer.step, EXIT_REQUEUE)
+            trainer.save()
+            return EXIT_REQUEUE
         if t.save_interval > 0 and (trainer.step % t.save_interval == 0 or trainer.step == t.max_steps):
             trainer.save()
     if trainer.writer is not None:
         trainer.writer.close()
-    return trainer.history
+    return 0
 
 
 def _report(trainer: Trainer, scalars: dict[str, float | None]) -> None:
     if trainer.rank != 0:
         return
     trainer.writer.write(trainer.step, scalars)
-    trainer.history.append({"step": trainer.step, **{k: v for k, v in scalars.items() if v is not None}})
+    record = {"step": trainer.step, **{k: v for k, v in scalars.items() if v is not None}}
+    trainer.history.append(record)
+    with open(trainer.run_dir / "logs" / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
     line = console_line(trainer.step, trainer.cfg.train.max_steps, scalars)
     if "val/loss" in scalars:
         line += f" | val {scalars['val/loss']:.4f}"
