@@ -71,7 +71,7 @@ class BuildConfig:
     overwrite: bool = False
     quiet: bool = False
     batch_docs: int = 64
-    batch_bytes: int = 1 << 20
+    batch_bytes: int = 1 << 18
     stop_after_shards: int | None = None
 
     def settings(self, tokenizer_sha: str) -> dict[str, Any]:

@@ -17,11 +17,15 @@ from dataclasses import dataclass, field
 
 import blingfire
 import numpy as np
-from tokenizers import Tokenizer
+from tokenizers import AddedToken, Tokenizer
 
 # Texts longer than this are cut (at a newline or space where there is one) before blingfire sees
 # them, so a 10 MB line without punctuation costs linear time and bounded buffers.
 PRESPLIT_CHARS = 1 << 20
+
+# Joins a document's sentences for one encode call; private-use characters, never in real text (a
+# document that holds it is encoded sentence by sentence instead).
+SENTENCE_MARK = "\ue000lang-jepa-sentence\ue001"
 
 _SPLIT_FN = blingfire.blingfire.TextToSentencesWithOffsets
 
@@ -121,29 +125,54 @@ class Processor:
         # at 128): documents must be encoded whole.
         self.tokenizer.no_padding()
         self.tokenizer.no_truncation()
+        self.tokenizer.add_special_tokens(
+            [AddedToken(SENTENCE_MARK, special=True, normalized=False)]
+        )
+        self.mark_id = self.tokenizer.token_to_id(SENTENCE_MARK)
         self.dtype = np.dtype(dtype)
         self.max_sentence_tokens = max_sentence_tokens
         self.max_chunk_tokens = max_chunk_tokens
 
     def process(self, texts: list[str]) -> list[DocOut]:
-        """Process a batch of documents, in order."""
+        """Process a batch of documents, in order.
+
+        Each document's sentences are joined with a marker that the tokenizer knows as a special
+        (added, never normalised) token, and the whole batch is encoded in one call: the tokenizer
+        splits its input at added tokens before normalising and pre-tokenising, so every sentence
+        gets exactly the ids it would get alone, while the per-call overhead is paid per document
+        rather than per sentence (encoding 60k sentences one by one is ~1.6x slower).
+        """
         per_doc = [split_sentences(t) for t in texts]
-        flat = list(itertools.chain.from_iterable(per_doc))
-        encodings = self.tokenizer.encode_batch_fast(flat, add_special_tokens=False)
-        ids = [e.ids for e in encodings]
-        outs, pos = [], 0
-        for sents in per_doc:
-            outs.append(self._pack(ids[pos : pos + len(sents)]))
-            pos += len(sents)
+        joined = [
+            SENTENCE_MARK.join(s) if SENTENCE_MARK not in t else ""
+            for s, t in zip(per_doc, texts, strict=True)
+        ]
+        encodings = self.tokenizer.encode_batch_fast(joined, add_special_tokens=False)
+        outs = []
+        for sents, text, enc in zip(per_doc, texts, encodings, strict=True):
+            ids = np.asarray(enc.ids, dtype=np.int64)
+            marks = np.flatnonzero(ids == self.mark_id)
+            if SENTENCE_MARK in text or len(marks) != max(len(sents) - 1, 0):
+                outs.append(self._pack(*self._encode_each(sents)))  # the text holds the marker
+                continue
+            lengths = np.diff(marks, prepend=-1, append=len(ids)) - 1 if sents else marks[:0]
+            outs.append(self._pack(np.delete(ids, marks), lengths))
         return outs
 
-    def _pack(self, sent_ids: list[list[int]]) -> DocOut:
-        lengths = np.fromiter(map(len, sent_ids), dtype=np.int64, count=len(sent_ids))
-        total = int(lengths.sum())
+    def _encode_each(self, sents: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, per-sentence lengths) by encoding each sentence on its own (the slow path)."""
+        ids = [e.ids for e in self.tokenizer.encode_batch_fast(sents, add_special_tokens=False)]
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=lengths.sum())
+        return flat, lengths
+
+    def _pack(self, ids: np.ndarray, lengths: np.ndarray) -> DocOut:
+        """Pack a document's ids (sentence after sentence) given its per-sentence lengths."""
         out = DocOut(empty=int((lengths == 0).sum()))
+        total = int(lengths.sum())
         if total == 0:
             return out
-        tokens = np.fromiter(itertools.chain.from_iterable(sent_ids), dtype=self.dtype, count=total)
+        tokens = ids.astype(self.dtype)
         lengths = lengths[lengths > 0]
         too_long = lengths > self.max_sentence_tokens
         if too_long.any():
