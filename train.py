@@ -21,13 +21,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    from lang_jepa.checkpoint import CheckpointError
     from lang_jepa.config import ConfigError, load_config
     from lang_jepa.trainer import NonFiniteLoss, run, setup
 
     try:
         cfg = load_config(args.config, args.overrides)
         trainer = setup(cfg, args.deepspeed_config)
-    except ConfigError as err:
+    except (ConfigError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:

@@ -108,6 +108,8 @@ class TrainConfig:
     log_interval: int = 10
     save_interval: int = 1000
     keep_checkpoints: int = 3
+    exit_at_step: int = 0  # >0: checkpoint and exit (code 0) on reaching this step; schedules still
+    # follow max_steps (Megatron's exit-interval: split one run over several jobs)
     nonfinite: str = "stop"  # stop | skip: a NaN/inf loss stops the run, or its step is skipped
     max_skipped_steps: int = 100  # with nonfinite=skip, stop after this many skipped steps
     val_interval: int = 500  # 0 disables validation

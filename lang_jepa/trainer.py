@@ -312,6 +312,11 @@ def run(trainer: Trainer) -> int:
             return EXIT_REQUEUE
         if t.save_interval > 0 and (trainer.step % t.save_interval == 0 or trainer.step == t.max_steps):
             trainer.save()
+        if trainer.step == t.exit_at_step:
+            if not (t.save_interval > 0 and trainer.step % t.save_interval == 0):
+                trainer.save()
+            trainer.log.info("train.exit_at_step=%d reached: exiting", t.exit_at_step)
+            break
     if trainer.writer is not None:
         trainer.writer.close()
     return 0

@@ -1,0 +1,169 @@
+"""Fault tolerance with the real engine: bit-exact resume (planned stop and SIGKILL), preemption
+signals, non-finite losses, and resume errors. CPU, fp32, two ranks, ZeRO-2."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.engine
+STEPS = 40
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", **extra)
+    return env
+
+
+def command(run_dir: Path, shards: Path, ranks: int, *extra: str) -> list[str]:
+    launcher = [sys.executable]
+    if ranks > 1:
+        launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
+                    f"--master_port={_port()}"]  # fmt: skip
+    return [*launcher, "train.py", "--deepspeed_config", "ds_configs/zero2.json", "--config", "tiny",
+            f"data.shards={shards}", f"train.run_dir={run_dir}", f"train.max_steps={STEPS}",
+            "train.log_interval=1", "train.val_interval=0", "train.save_interval=5",
+            "train.precision=fp32", *extra]  # fmt: skip
+
+
+def run(cmd: list[str], **env: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(**env), capture_output=True, text=True, timeout=900)
+    return proc
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """Logged loss per step; a step logged again after a restart keeps its last value."""
+    out = {}
+    for line in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        out[record["step"]] = record["train/loss"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_shards) -> dict[int, float]:
+    """An uninterrupted 40-step run on two ranks."""
+    run_dir = tmp_path_factory.mktemp("ref") / "run"
+    proc = run(command(run_dir, tiny_shards, 2))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    ref = losses(run_dir)
+    assert sorted(ref) == list(range(1, STEPS + 1))
+    return ref
+
+
+def test_resume_from_step_20_is_bit_exact(tmp_path, tiny_shards, reference):
+    run_dir = tmp_path / "run"
+    first = run(command(run_dir, tiny_shards, 2, "train.exit_at_step=20"))
+    assert first.returncode == 0, first.stderr[-4000:]
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step00000020"
+    second = run(command(run_dir, tiny_shards, 2))
+    assert second.returncode == 0, second.stderr[-4000:]
+    assert "resumed from" in second.stdout
+    assert losses(run_dir) == reference  # identical floats at every step
+
+
+def test_sigkill_at_random_step_then_restart_is_bit_exact(tmp_path, tiny_shards, reference):
+    run_dir = tmp_path / "run"
+    kill_at = random.Random().randint(7, 33)
+    cmd = command(run_dir, tiny_shards, 2)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    metrics = run_dir / "logs" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= kill_at:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert max(losses(run_dir)) < STEPS, "the run finished before it could be killed"
+    restart = run(cmd)
+    assert restart.returncode == 0, restart.stderr[-4000:]
+    assert losses(run_dir) == reference, f"killed at step ~{kill_at}"
+
+
+def test_sigusr1_to_one_rank_checkpoints_the_agreed_step_and_exits_75(tmp_path, tiny_shards):
+    run_dir = tmp_path / "run"
+    cmd = command(run_dir, tiny_shards, 2, "train.save_interval=0")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)  # fmt: skip
+    metrics = run_dir / "logs" / "metrics.jsonl"
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.05)
+    children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(children) == 2
+    os.kill(int(children[-1]), signal.SIGUSR1)  # one rank only: the others must agree
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 75 or "exitcode  : 75" in out, out[-3000:]
+    tag = (run_dir / "checkpoints" / "latest").read_text()
+    step = int(tag.removeprefix("step"))
+    assert 3 <= step < STEPS
+    meta = json.loads((run_dir / "checkpoints" / tag / "meta.json").read_text())
+    assert meta["step"] == step and meta["world_size"] == 2
+    for rank in range(2):
+        assert (run_dir / "checkpoints" / tag / f"trainer_state_rank{rank}.pt").is_file()
+
+
+def test_sigterm_single_process_exit_code(tmp_path, tiny_shards):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(command(run_dir, tiny_shards, 1, "train.save_interval=0"), cwd=REPO,
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = run_dir / "logs" / "metrics.jsonl"
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 75, out[-3000:]
+    assert "stop signal" in out
+    assert (run_dir / "checkpoints" / "latest").is_file()
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_shards):
+    run_dir = tmp_path / "run"
+    proc = run(command(run_dir, tiny_shards, 1), LANG_JEPA_FAULT_NAN_STEP="12")
+    assert proc.returncode == 1
+    assert "non-finite loss at step 12" in proc.stderr and "step00000010" in proc.stderr
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step00000010"
+
+
+def test_nonfinite_loss_skip_counts_and_continues(tmp_path, tiny_shards):
+    run_dir = tmp_path / "run"
+    proc = run(command(run_dir, tiny_shards, 1, "train.nonfinite=skip", "train.max_steps=16"),
+               LANG_JEPA_FAULT_NAN_STEP="7")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "non-finite loss at step 7: step skipped (1 so far)" in proc.stdout
+    assert max(losses(run_dir)) == 16
+
+
+def test_resume_errors_are_loud(tmp_path, tiny_shards):
+    run_dir = tmp_path / "run"
+    assert run(command(run_dir, tiny_shards, 2, "train.exit_at_step=5")).returncode == 0
+    # another number of ranks: a clear message, no silent fresh start
+    other = run(command(run_dir, tiny_shards, 1))
+    assert other.returncode != 0 and "written by 2 ranks, this run has 1" in other.stderr
+    # a checkpoint path that is not one
+    missing = run(command(run_dir, tiny_shards, 2, f"train.resume={tmp_path / 'nowhere'}"))
+    assert missing.returncode != 0 and "no checkpoint there" in missing.stderr
+    # an incomplete checkpoint (crash while writing): latest still names the whole one
+    (run_dir / "checkpoints" / "step00000005" / "meta.json").unlink()
+    broken = run(command(run_dir, tiny_shards, 2))
+    assert broken.returncode != 0 and "incomplete checkpoint" in broken.stderr
