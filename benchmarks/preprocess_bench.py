@@ -93,7 +93,8 @@ def main() -> None:
         "documents": len(texts),
         "blingfire_split_mb_s": mb
         / best_seconds(lambda: [blingfire.text_to_sentences_and_offsets(t) for t in texts], 1),
-        "splitter_mb_s": mb / best_seconds(lambda: [split_sentences(t) for t in texts], args.repeat),
+        "splitter_mb_s": mb
+        / best_seconds(lambda: [split_sentences(t) for t in texts], args.repeat),
         "tokenizer_mb_s": mb / best_seconds(encode_all, args.repeat),
         "e2e_1_worker_mb_s": mb / e2e_seconds(args.raw, args.tokenizer, 1, args.repeat),
         "e2e_2_workers_mb_s": mb / e2e_seconds(args.raw, args.tokenizer, 2, args.repeat),

@@ -19,7 +19,18 @@ from lang_jepa.shards import load_manifest, shard_urls
 from preprocessing.build_shards import main as build
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-WORDS = "alpha beta gamma delta river mountain quiet report budget nation".split()
+WORDS = [
+    "alpha",
+    "beta",
+    "gamma",
+    "delta",
+    "river",
+    "mountain",
+    "quiet",
+    "report",
+    "budget",
+    "nation",
+]
 
 
 def run(tmp_path: Path, files: list[Path], *extra: str) -> dict:
