@@ -30,22 +30,29 @@ pytestmark = pytest.mark.engine
 STEPS = 6
 
 
-def _zero3_config(tmp: Path) -> Path:
-    """ds_configs/zero3.json with every parameter partitioned (small models hide ZeRO-3 bugs)."""
+def _ds_config(tmp: Path, stage: int) -> Path:
+    """ZeRO-3 with every parameter partitioned (small models hide ZeRO-3 bugs), or ZeRO-0."""
     cfg = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
-    cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    path = tmp / "zero3.json"
+    if stage == 3:
+        cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    else:
+        cfg["zero_optimization"] = {"stage": stage}
+    path = tmp / f"zero{stage}.json"
     path.write_text(json.dumps(cfg))
     return path
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory, tiny_shards: Path) -> dict[str, Path]:
-    """Two tiny training runs, ZeRO-2 and ZeRO-3, trained side by side with train.py."""
+    """Tiny training runs, ZeRO-0, 2 and 3, trained side by side with train.py."""
     tmp = tmp_path_factory.mktemp("export_runs")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    ds = {"zero2": REPO / "ds_configs" / "zero2.json", "zero3": _zero3_config(tmp)}
+    ds = {
+        "zero0": _ds_config(tmp, 0),
+        "zero2": REPO / "ds_configs" / "zero2.json",
+        "zero3": _ds_config(tmp, 3),
+    }
     procs = {}
     for name, ds_config in ds.items():
         cmd = [sys.executable, "train.py", "--deepspeed_config", str(ds_config), "--config", "tiny",
@@ -104,6 +111,17 @@ def test_export_online_is_the_fp32_master_encoder(runs, tmp_path):
     masters = {k.removeprefix("encoder."): v for k, v in module.items() if k.startswith("encoder.")}
     assert online2.keys() == masters.keys()
     assert all(torch.equal(online2[k], masters[k].float()) for k in masters)
+    # ZeRO-0 (no partitioning, fp32): the module weights themselves, read without zero_to_fp32.
+    online0 = load_file(
+        str(export(runs["zero0"], tmp_path / "o0", which="online") / "model.safetensors")
+    )
+    module0 = torch.load(
+        _tag_dir(runs["zero0"]) / "mp_rank_00_model_states.pt", weights_only=False
+    )["module"]
+    assert (
+        all(torch.equal(online0[k], module0[f"encoder.{k}"]) for k in online0)
+        and online0.keys() == masters.keys()
+    )
     # ZeRO-3 (every parameter partitioned) consolidates to the same model, up to reduction order.
     assert online3.keys() == online2.keys()
     assert all(torch.allclose(online3[k], online2[k], atol=1e-5) for k in online2)
