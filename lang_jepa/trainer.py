@@ -32,7 +32,6 @@ from .objective import (
 from .runinfo import run_info, setup_logging, write_run_dir
 from .shards import load_manifest, manifest_hash
 
-
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: checkpoint written after SIGTERM/SIGUSR1; slurm/pretrain.sh requeues
 FAULT_NAN_ENV = "LANG_JEPA_FAULT_NAN_STEP"  # test-only fault injection: NaN loss at this step
 
