@@ -97,7 +97,7 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save(engine: Any, ckpt_dir: Path, state: dict[str, Any], target: torch.nn.Module, meta: dict[str, Any],
+def save(engine: Any, ckpt_dir: Path, state: dict[str, Any], target: torch.nn.Module | None, meta: dict[str, Any],
          keep: int, barrier: Any) -> Path:
     """Write one checkpoint on every rank (a collective), then publish it as ``latest``."""
     tag = tag_for(int(state["step"]))
@@ -106,7 +106,9 @@ def save(engine: Any, ckpt_dir: Path, state: dict[str, Any], target: torch.nn.Mo
     out = ckpt_dir / tag
     torch.save(state, out / f"trainer_state_rank{rank}.pt")
     if rank == 0:
-        save_file({k: v.detach().contiguous().cpu() for k, v in target.state_dict().items()}, str(out / TARGET_FILE))
+        if target is not None:
+            weights = {k: v.detach().contiguous().cpu() for k, v in target.state_dict().items()}
+            save_file(weights, str(out / TARGET_FILE))
         _write_atomic(out / META_FILE, json.dumps(meta, indent=2, default=str))
     barrier()  # every rank has written everything
     if rank == 0:
@@ -133,7 +135,7 @@ def read_meta(ckpt_dir: Path, tag: str) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def load(engine: Any, ckpt_dir: Path, tag: str, target: torch.nn.Module) -> dict[str, Any]:
+def load(engine: Any, ckpt_dir: Path, tag: str, target: torch.nn.Module | None) -> dict[str, Any]:
     """Load model, optimizer and target encoder; returns this rank's trainer state. A checkpoint
     that cannot be loaded is an error, never a silent fresh start."""
     meta = read_meta(ckpt_dir, tag)
@@ -148,7 +150,9 @@ def load(engine: Any, ckpt_dir: Path, tag: str, target: torch.nn.Module) -> dict
     load_path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load {ckpt_dir / tag}")
-    target.load_state_dict(load_file(str(ckpt_dir / tag / TARGET_FILE), device=str(next(target.parameters()).device)))
+    if target is not None:
+        device = str(next(target.parameters()).device)
+        target.load_state_dict(load_file(str(ckpt_dir / tag / TARGET_FILE), device=device))
     state_file = ckpt_dir / tag / f"trainer_state_rank{engine.global_rank}.pt"
     if not state_file.is_file():
         raise CheckpointError(f"{state_file} is missing")

@@ -36,6 +36,7 @@ class ModelConfig:
     norm_eps: float = 1e-6
     dropout: float = 0.0
     activation_checkpointing: bool = False  # recompute each block in backward
+    compile: bool = False  # torch.compile each transformer block (fuses norms, GELU, residuals)
     init_std: float = 0.02
 
 
@@ -79,6 +80,7 @@ class LossConfig:
     reg: str = "none"  # none | vicreg | sigreg, on the predictions
     reg_weight: float = 0.0
     vicreg_cov_weight: float = 0.04  # covariance / variance weight inside the vicreg term
+    mlm_prob: float = 0.15  # objective=mlm: share of tokens predicted (BERT's 80/10/10 corruption)
 
 
 @dataclass
@@ -124,6 +126,7 @@ class LogConfig:
 
 @dataclass
 class Config:
+    objective: str = "jepa"  # jepa | mlm (the same-size, same-data masked-LM control)
     model: ModelConfig = field(default_factory=ModelConfig)
     predictor: PredictorConfig = field(default_factory=PredictorConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -191,6 +194,8 @@ def validate(cfg: Config) -> None:
     _check(0 < mk.min_block_frac <= mk.max_block_frac < 1, "mask.max_block_frac",
            "need 0 < min_block_frac <= max_block_frac < 1")
     _check(0 <= mk.min_context_frac < 1, "mask.min_context_frac", "must be in [0, 1)")
+    _check(cfg.objective in ("jepa", "mlm"), "objective", f"{cfg.objective!r} is not jepa | mlm")
+    _check(0 < cfg.loss.mlm_prob < 1, "loss.mlm_prob", "must be in (0, 1)")
     _check(cfg.loss.type in ("smooth_l1", "l2", "cosine"), "loss.type", f"{cfg.loss.type!r} unknown")
     _check(cfg.loss.reg in ("none", "vicreg", "sigreg"), "loss.reg", f"{cfg.loss.reg!r} unknown")
     _check(len(o.betas) == 2, "optim.betas", "needs two values")

@@ -68,6 +68,17 @@ def step_flops(model: JEPA, batch: dict[str, Tensor], recompute: bool) -> tuple[
     return model_flops, hardware_flops  # 0-d tensors on the batch's device (no host sync)
 
 
+def mlm_step_flops(model: Any, batch: dict[str, Tensor], recompute: bool) -> tuple[Tensor, Tensor]:
+    """(model FLOPs, hardware FLOPs) of one MLM micro-batch: encoder forward and backward over the
+    full window plus the output head at the predicted positions."""
+    enc = model.encoder
+    n_win = batch["valid"].sum(1).float()
+    enc_fwd = (n_win * (2.0 * _matmuls(enc) + 4.0 * enc.depth * n_win * enc.dim)).sum()
+    head_fwd = 2.0 * enc.dim * model.head.out_features * batch["mlm_valid"].sum()
+    model_flops = 3.0 * (enc_fwd + head_fwd)
+    return model_flops, model_flops + enc_fwd if recompute else model_flops
+
+
 def _matmuls(module: Any) -> float:
     hidden = int(module.dim * module.mlp_ratio)
     return module.depth * (4 * module.dim * module.dim + 2 * module.dim * hidden)

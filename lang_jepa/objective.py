@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from .config import Config, LossConfig
 from .models import Predictor, TextEncoder, pool_by_slot
+from .models.layers import compile_blocks
 
 Batch = dict[str, Tensor]
 
@@ -78,6 +79,9 @@ def build_models(cfg: Config, vocab_size: int) -> tuple[JEPA, TextEncoder]:
     target.activation_checkpointing = False
     for param in target.parameters():
         param.requires_grad_(False)
+    if m.compile:
+        for stack in (encoder.stack, predictor.stack, target.stack):
+            compile_blocks(stack)
     return JEPA(encoder, predictor), target
 
 

@@ -17,10 +17,12 @@ import torch
 from torch import Tensor
 
 from . import checkpoint, engine, schedules
-from .config import Config, resolve_batch, to_dict
+from .config import Config, ConfigError, resolve_batch, to_dict
 from .data import build_train_loader, build_val_loader, check_tokenizer
+from .data.windows import stable_hash63
 from .ema import ema_update
-from .metrics import RankWindow, ScalarWriter, console_line, peak_flops, step_flops
+from .metrics import RankWindow, ScalarWriter, console_line, mlm_step_flops, peak_flops, step_flops
+from .mlm import MLM, mlm_loss, mlm_mask
 from .objective import (
     JEPA,
     build_models,
@@ -77,7 +79,7 @@ class Accumulators:
 class Trainer:
     cfg: Config
     eng: Any  # the DeepSpeed engine wrapping JEPA
-    target: torch.nn.Module  # EMA target encoder, fp32, outside the engine
+    target: torch.nn.Module | None  # EMA target encoder, fp32, outside the engine (None: MLM)
     dev: torch.device
     rank: int
     world: int
@@ -93,9 +95,10 @@ class Trainer:
     stop_agreed: bool = False
     skipped_steps: int = 0
     fault_nan_step: int = -1
+    mlm_mask_id: int | None = None  # set for objective=mlm
 
     @property
-    def model(self) -> JEPA:
+    def model(self) -> JEPA | MLM:
         return self.eng.module
 
     def train_step(self, micro_batches: list[dict[str, Tensor]], acc: Accumulators) -> dict[str, Tensor]:
@@ -105,12 +108,16 @@ class Trainer:
         lr = schedules.learning_rate(self.step, max_steps, cfg.optim)
         engine.apply_schedule(self.eng, lr, schedules.weight_decay(self.step, max_steps, cfg.optim))
         for batch in micro_batches:
-            # 1. targets: EMA encoder on the full window, pooled per target sentence, no grad
-            targets = compute_targets(self.target, batch, self.autocast)
-            # 2. context encoder on context tokens only + predictor at the target positions
-            preds = self.eng(batch)
-            # 3. loss in embedding space
-            loss, parts = jepa_loss(preds, targets, batch["tgt_sent_valid"], cfg.loss)
+            if self.mlm_mask_id is None:
+                # 1. targets: EMA encoder on the full window, pooled per target sentence, no grad
+                targets = compute_targets(self.target, batch, self.autocast)
+                # 2. context encoder on context tokens only + predictor at the target positions
+                preds = self.eng(batch)
+                # 3. loss in embedding space
+                loss, _ = jepa_loss(preds, targets, batch["tgt_sent_valid"], cfg.loss)
+            else:  # the masked-LM control: steps 1-3 are token prediction instead
+                preds, targets = None, None
+                loss = mlm_loss(self.eng(batch), batch)
             if self.step == self.fault_nan_step:
                 loss = loss * float("nan")
             nonfinite = nonfinite + (~torch.isfinite(loss.detach())).float()
@@ -123,14 +130,31 @@ class Trainer:
             acc.tokens += batch["valid"].sum()
             acc.samples += batch["valid"].shape[0]
             acc.micro_steps += 1
-            if self.ranks is not None:
+            if self.ranks is not None and targets is not None:
                 self.ranks.add(targets[batch["tgt_sent_valid"]])
         applied = self.agree_on_step(nonfinite)
         # 5. EMA update of the target encoder from the fp32 master weights
-        if applied:
+        if applied and self.target is not None:
             self.update_target(schedules.ema_momentum(self.step, max_steps, cfg.optim))
         self.step += 1
+        if preds is None:
+            return {}
         return {"preds": preds.detach(), "targets": targets, "slot_valid": batch["tgt_sent_valid"]}
+
+    def prepare(self, batch: dict[str, Tensor], micro: int) -> dict[str, Tensor]:
+        """Host-side per-batch work, then the copy to the device. For the MLM control: the token
+        corruption, seeded by (seed, step, rank, micro-batch) so a resumed run draws the same."""
+        if self.mlm_mask_id is not None:
+            seed = stable_hash63("mlm", self.cfg.train.seed, self.step, self.rank, micro)
+            gen = torch.Generator().manual_seed(seed)
+            batch = mlm_mask(batch, self.mlm_mask_id, self.cfg.model.vocab_size, self.cfg.loss.mlm_prob, gen)
+        return move_batch(batch, self.dev)
+
+    def batch_flops(self, batch: dict[str, Tensor]) -> Tensor:
+        recompute = self.cfg.model.activation_checkpointing
+        if self.mlm_mask_id is not None:
+            return mlm_step_flops(self.model, batch, recompute)[0]
+        return step_flops(self.model, batch, recompute)[0]
 
     def agree_on_step(self, nonfinite: Tensor) -> bool:
         """One all-reduce per step: did any rank see a non-finite loss, or a stop signal?
@@ -167,10 +191,16 @@ class Trainer:
         self.eng.eval()
         total = torch.zeros((), device=self.dev)
         n = 0
-        for batch in val_loader:
-            batch = move_batch(batch, self.dev)
-            targets = compute_targets(self.target, batch, self.autocast)
-            loss, _ = jepa_loss(self.eng(batch), targets, batch["tgt_sent_valid"], self.cfg.loss)
+        for i, batch in enumerate(val_loader):
+            if self.mlm_mask_id is not None:
+                gen = torch.Generator().manual_seed(stable_hash63("mlm-val", self.cfg.train.seed, self.rank, i))
+                batch = mlm_mask(batch, self.mlm_mask_id, self.cfg.model.vocab_size, self.cfg.loss.mlm_prob, gen)
+                batch = move_batch(batch, self.dev)
+                loss = mlm_loss(self.eng(batch), batch)
+            else:
+                batch = move_batch(batch, self.dev)
+                targets = compute_targets(self.target, batch, self.autocast)
+                loss, _ = jepa_loss(self.eng(batch), targets, batch["tgt_sent_valid"], self.cfg.loss)
             total += loss
             n += 1
         self.eng.train()
@@ -178,7 +208,10 @@ class Trainer:
 
     def log_step(self, acc: Accumulators, last: dict[str, Tensor]) -> dict[str, float | None]:
         """Scalars for TensorBoard and the console (the only host syncs of the loop)."""
-        stats = representation_stats(last["preds"], last["targets"], last["slot_valid"])
+        if last:
+            stats = {k: float(v) for k, v in representation_stats(**last).items()}
+        else:  # MLM control: no sentence embeddings to watch
+            stats = {"target_std": math.nan, "pred_std": math.nan, "pred_target_cos": math.nan}
         sums = torch.stack([acc.loss, acc.tokens, acc.finite])
         engine.dp_all_reduce(sums)
         elapsed = time.perf_counter() - acc.t0
@@ -191,7 +224,7 @@ class Trainer:
             "train/loss": float(sums[0]) / max(float(sums[2]), 1.0),
             "train/lr": schedules.learning_rate(self.step - 1, max_steps, o),
             "train/wd": schedules.weight_decay(self.step - 1, max_steps, o),
-            "train/ema_momentum": schedules.ema_momentum(self.step - 1, max_steps, o),
+            "train/ema_momentum": schedules.ema_momentum(self.step - 1, max_steps, o) if self.target is not None else None,
             "train/grad_norm": None if grad_norm is None else float(grad_norm),
             "perf/tokens_per_s": float(sums[1]) / elapsed,
             "perf/samples_per_s": acc.samples * self.world / elapsed,
@@ -199,9 +232,9 @@ class Trainer:
             "perf/tflops_per_gpu": flops_per_s / 1e12,
             "perf/mfu": None if peak is None else flops_per_s / peak,
             "mem/max_allocated_gb": engine.max_allocated_gb(self.dev),
-            "repr/target_std": float(stats["target_std"]),
-            "repr/pred_std": float(stats["pred_std"]),
-            "repr/pred_target_cos": float(stats["pred_target_cos"]),
+            "repr/target_std": stats["target_std"],
+            "repr/pred_std": stats["pred_std"],
+            "repr/pred_target_cos": stats["pred_target_cos"],
             "repr/effective_rank": self.ranks.effective_rank() if self.ranks else math.nan,
         }
         return scalars
@@ -239,6 +272,17 @@ class Trainer:
         return logging.getLogger("lang_jepa")
 
 
+def mlm_token_id(shard_dir: str) -> int:
+    """The [MASK] id of the shards' tokenizer (the MLM control needs one)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(Path(shard_dir) / "tokenizer"))
+    if tok.mask_token_id is None:
+        raise ConfigError(f"config key 'objective': mlm needs a tokenizer with a mask token; "
+                          f"{shard_dir}/tokenizer has none")
+    return int(tok.mask_token_id)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -261,6 +305,10 @@ def setup(cfg: Config, ds_config_path: str) -> Trainer:
     ds_config = engine.build_ds_config(ds_config_path, cfg, world)
     seed_everything(cfg.train.seed)  # identical initial weights on every rank
     model, target = build_models(cfg, vocab)
+    mask_id = None
+    if cfg.objective == "mlm":
+        mask_id = mlm_token_id(cfg.data.shards)
+        model, target = MLM(model.encoder, vocab, cfg.model.norm_eps), None
     optimizer = engine.build_optimizer(engine.param_groups(model), cfg, ds_config)
     eng = engine.initialize(model, optimizer, ds_config)
     sha = manifest_hash(cfg.data.shards)
@@ -269,10 +317,12 @@ def setup(cfg: Config, ds_config_path: str) -> Trainer:
         write_run_dir(run_dir, cfg, info)
     log.info("run %s | git %s | world %d | %s | ds %s", run_dir, info["git_revision"], world,
              engine.accelerator_name(), ds_config_path)
-    n_enc = sum(p.numel() for p in target.parameters())
-    n_pred = sum(p.numel() for p in model.predictor.parameters())
-    log.info("encoder %.1fM params, predictor %.1fM params", n_enc / 1e6, n_pred / 1e6)
-    trainer = Trainer(cfg, eng, target.to(dev), dev, rank, world, run_dir, sha)
+    n_enc = sum(p.numel() for p in model.encoder.parameters())
+    n_head = sum(p.numel() for p in model.parameters()) - n_enc
+    log.info("objective %s | encoder %.1fM params, %s %.1fM params", cfg.objective, n_enc / 1e6,
+             "predictor" if target is not None else "MLM head", n_head / 1e6)
+    trainer = Trainer(cfg, eng, target.to(dev) if target is not None else None, dev, rank, world, run_dir, sha)
+    trainer.mlm_mask_id = mask_id
     trainer.autocast = torch.bfloat16 if cfg.train.precision == "bf16" else None
     trainer.ranks = RankWindow(cfg.log.rankme_window)
     trainer.writer = ScalarWriter(run_dir / "tb" if rank == 0 and cfg.log.tensorboard else None)
@@ -291,12 +341,11 @@ def run(trainer: Trainer) -> int:
     trainer.stop.install()
     val_loader = build_val_loader(cfg, trainer.rank, trainer.world) if t.val_interval > 0 else None
     batches = iter(trainer.loader)
-    recompute = cfg.model.activation_checkpointing
     acc = Accumulators.zeros(trainer.dev)
     while trainer.step < t.max_steps:
-        micro = [move_batch(next(batches), trainer.dev) for _ in range(t.grad_accum_steps)]
+        micro = [trainer.prepare(next(batches), i) for i in range(t.grad_accum_steps)]
         for b in micro:
-            acc.model_flops = acc.model_flops + step_flops(trainer.model, b, recompute)[0]
+            acc.model_flops = acc.model_flops + trainer.batch_flops(b)
         last = trainer.train_step(micro, acc)
         if trainer.step % t.log_interval == 0 or trainer.step == t.max_steps:
             scalars = trainer.log_step(acc, last)

@@ -103,6 +103,12 @@ class BlockStack(nn.Module):
         return self.norm(x)
 
 
+def compile_blocks(stack: BlockStack) -> None:
+    """``torch.compile`` every block in place (dynamic shapes: window lengths vary by batch)."""
+    for block in stack.blocks:
+        block.compile(dynamic=True)
+
+
 def matmul_params(dim: int, depth: int, mlp_ratio: float) -> int:
     """Weights that take part in a matmul per token, per block stack (biases and norms excluded)."""
     return depth * (4 * dim * dim + 2 * dim * int(dim * mlp_ratio))
