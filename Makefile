@@ -23,12 +23,19 @@ demo-data: setup $(DEMO_RAW)/.complete
 $(DEMO_RAW)/.complete:
 	$(PY) -m preprocessing.fetch_demo --out $(DEMO_RAW)
 
-demo-shards: demo-data
-	$(PY) -m preprocessing.build_shards --input $(DEMO_RAW) --output $(DEMO_SHARDS) --workers 2
-	$(PY) -m preprocessing.inspect $(DEMO_SHARDS) --docs 2
+demo-shards: demo-data $(DEMO_SHARDS)/manifest.json
+$(DEMO_SHARDS)/manifest.json:
+	$(PY) -m preprocessing.build_shards --input $(DEMO_RAW) --output $(DEMO_SHARDS) --workers 2 --shard-docs 16
+	$(PY) -m preprocessing.inspect $(DEMO_SHARDS) --docs 1
 
-# The main job on the embedded demo: shards -> short DeepSpeed ZeRO-2 run -> TensorBoard logs.
+# The main job on the embedded demo: shards -> short DeepSpeed ZeRO-2 run of the small preset on
+# CPU -> TensorBoard logs and checkpoints in runs/demo (a second `make demo` resumes/finishes).
+DEMO_STEPS ?= 120
 demo: demo-shards
+	.venv/bin/deepspeed train.py --deepspeed_config ds_configs/zero2.json --config small \
+	  data.shards=$(DEMO_SHARDS) train.run_dir=$(DEMO_RUN) train.max_steps=$(DEMO_STEPS) \
+	  optim.warmup_steps=20 train.log_interval=10 train.val_interval=40 train.save_interval=60
+	@echo "TensorBoard: .venv/bin/tensorboard --logdir $(DEMO_RUN)/tb   (then open http://localhost:6006)"
 
 test: demo-data
 	$(PY) -m pytest -q tests

@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from lang_jepa.checkpoint import CheckpointError
     from lang_jepa.config import ConfigError, load_config
-    from lang_jepa.trainer import NonFiniteLoss, run, setup
+    from lang_jepa.trainer import NonFiniteLoss, RepresentationCollapse, run, setup
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLoss as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except RepresentationCollapse as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

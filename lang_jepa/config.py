@@ -125,6 +125,18 @@ class LogConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Evaluation during training and the collapse alarm."""
+
+    interval: int = 0  # every N steps: the cheap subset of the eval suite -> eval/* (0: off)
+    batches: int = 4  # validation batches that subset reads
+    collapse_min_rank_frac: float = 0.02  # alarm: RankMe of pooled targets < this x model.dim
+    collapse_min_target_std: float = 0.05  # alarm: mean per-dimension std of targets below this
+    collapse_patience: int = 3  # consecutive logging checks under a threshold before the alarm
+    collapse_stop: bool = False  # stop the run (exit 3) when the alarm trips
+
+
+@dataclass
 class Config:
     objective: str = "jepa"  # jepa | mlm (the same-size, same-data masked-LM control)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -135,6 +147,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def preset_names() -> list[str]:

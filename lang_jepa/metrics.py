@@ -99,6 +99,27 @@ class RankWindow:
         return effective_rank(torch.cat(list(self.batches)))
 
 
+class CollapseAlarm:
+    """Trips when the effective rank or the target std stay under their thresholds for
+    ``patience`` consecutive checks (a falling loss proves nothing if embeddings collapse)."""
+
+    def __init__(self, min_rank: float, min_std: float, patience: int) -> None:
+        self.min_rank, self.min_std, self.patience = min_rank, min_std, patience
+        self.strikes = 0
+        self.tripped = False
+
+    def check(self, effective_rank: float, target_std: float) -> bool:
+        """Feed one logging step's monitors; returns True on the check that trips the alarm."""
+        if math.isnan(effective_rank) and math.isnan(target_std):
+            return False
+        low = effective_rank < self.min_rank or target_std < self.min_std
+        self.strikes = self.strikes + 1 if low else 0
+        if self.strikes >= self.patience and not self.tripped:
+            self.tripped = True
+            return True
+        return False
+
+
 class ScalarWriter:
     """TensorBoard on rank 0 (the names are DESIGN.md's contract); a no-op elsewhere."""
 
@@ -128,6 +149,7 @@ def console_line(step: int, max_steps: int, s: dict[str, float | None]) -> str:
     parts.append(f"step {s['perf/step_ms']:.0f} ms")
     if s.get("perf/mfu") is not None:
         parts.append(f"mfu {100 * s['perf/mfu']:.1f}%")
-    parts.append(f"tgt_std {s['repr/target_std']:.3f}")
-    parts.append(f"rank {s['repr/effective_rank']:.1f}")
+    if not math.isnan(s["repr/target_std"]):
+        parts.append(f"tgt_std {s['repr/target_std']:.3f}")
+        parts.append(f"rank {s['repr/effective_rank']:.1f}")
     return " | ".join(parts)

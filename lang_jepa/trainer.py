@@ -21,7 +21,15 @@ from .config import Config, ConfigError, resolve_batch, to_dict
 from .data import build_train_loader, build_val_loader, check_tokenizer
 from .data.windows import stable_hash63
 from .ema import ema_update
-from .metrics import RankWindow, ScalarWriter, console_line, mlm_step_flops, peak_flops, step_flops
+from .metrics import (
+    CollapseAlarm,
+    RankWindow,
+    ScalarWriter,
+    console_line,
+    mlm_step_flops,
+    peak_flops,
+    step_flops,
+)
 from .mlm import MLM, mlm_loss, mlm_mask
 from .objective import (
     JEPA,
@@ -40,6 +48,10 @@ FAULT_NAN_ENV = "LANG_JEPA_FAULT_NAN_STEP"  # test-only fault injection: NaN los
 
 class NonFiniteLoss(RuntimeError):
     """The loss became NaN or inf (train.nonfinite=stop, or too many skipped steps)."""
+
+
+class RepresentationCollapse(RuntimeError):
+    """The collapse alarm tripped and eval.collapse_stop is set."""
 
 
 class StopRequest:
@@ -96,6 +108,7 @@ class Trainer:
     skipped_steps: int = 0
     fault_nan_step: int = -1
     mlm_mask_id: int | None = None  # set for objective=mlm
+    alarm: CollapseAlarm | None = None
 
     @property
     def model(self) -> JEPA | MLM:
@@ -239,6 +252,24 @@ class Trainer:
         }
         return scalars
 
+    def watch_collapse(self, scalars: dict[str, float | None]) -> None:
+        """Feed the collapse alarm; a trip on any rank is agreed by all (one all-reduce)."""
+        tripped = self.alarm.check(scalars["repr/effective_rank"], scalars["repr/target_std"])
+        flag = torch.tensor(float(tripped), device=self.dev)
+        engine.dp_all_reduce(flag)
+        scalars["repr/collapse_alarm"] = float(self.alarm.tripped or float(flag) > 0)
+        if float(flag) == 0:
+            return
+        e = self.cfg.eval
+        self.log.warning(
+            "!" * 20 + " REPRESENTATION COLLAPSE at step %d: effective rank %.2f (alarm < %.2f), "
+            "target std %.4f (alarm < %.4f) for %d checks " + "!" * 20,
+            self.step, scalars["repr/effective_rank"], self.alarm.min_rank, scalars["repr/target_std"],
+            e.collapse_min_target_std, e.collapse_patience,
+        )
+        if e.collapse_stop:
+            raise RepresentationCollapse(f"representation collapse at step {self.step} (eval.collapse_stop)")
+
     def save(self) -> None:
         state = {
             "step": self.step,
@@ -323,6 +354,9 @@ def setup(cfg: Config, ds_config_path: str) -> Trainer:
              "predictor" if target is not None else "MLM head", n_head / 1e6)
     trainer = Trainer(cfg, eng, target.to(dev) if target is not None else None, dev, rank, world, run_dir, sha)
     trainer.mlm_mask_id = mask_id
+    e = cfg.eval
+    trainer.alarm = CollapseAlarm(e.collapse_min_rank_frac * cfg.model.dim, e.collapse_min_target_std,
+                                  e.collapse_patience)
     trainer.autocast = torch.bfloat16 if cfg.train.precision == "bf16" else None
     trainer.ranks = RankWindow(cfg.log.rankme_window)
     trainer.writer = ScalarWriter(run_dir / "tb" if rank == 0 and cfg.log.tensorboard else None)
@@ -349,6 +383,7 @@ def run(trainer: Trainer) -> int:
         last = trainer.train_step(micro, acc)
         if trainer.step % t.log_interval == 0 or trainer.step == t.max_steps:
             scalars = trainer.log_step(acc, last)
+            trainer.watch_collapse(scalars)
             if val_loader is not None and (trainer.step % t.val_interval == 0 or trainer.step == t.max_steps):
                 scalars["val/loss"] = trainer.validate(val_loader)
             _report(trainer, scalars)
