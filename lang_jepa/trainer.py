@@ -42,7 +42,9 @@ from .objective import (
 from .runinfo import run_info, setup_logging, write_run_dir
 from .shards import load_manifest, manifest_hash
 
-EXIT_REQUEUE = 75  # EX_TEMPFAIL: checkpoint written after SIGTERM/SIGUSR1; slurm/pretrain.sh requeues
+EXIT_REQUEUE = (
+    75  # EX_TEMPFAIL: checkpoint written after SIGTERM/SIGUSR1; slurm/pretrain.sh requeues
+)
 FAULT_NAN_ENV = "LANG_JEPA_FAULT_NAN_STEP"  # test-only fault injection: NaN loss at this step
 
 
@@ -114,7 +116,9 @@ class Trainer:
     def model(self) -> JEPA | MLM:
         return self.eng.module
 
-    def train_step(self, micro_batches: list[dict[str, Tensor]], acc: Accumulators) -> dict[str, Tensor]:
+    def train_step(
+        self, micro_batches: list[dict[str, Tensor]], acc: Accumulators
+    ) -> dict[str, Tensor]:
         """One optimizer step over ``grad_accum_steps`` micro-batches (I-JEPA's train_step)."""
         cfg, max_steps = self.cfg, self.cfg.train.max_steps
         nonfinite = torch.zeros((), device=self.dev)
@@ -160,7 +164,9 @@ class Trainer:
         if self.mlm_mask_id is not None:
             seed = stable_hash63("mlm", self.cfg.train.seed, self.step, self.rank, micro)
             gen = torch.Generator().manual_seed(seed)
-            batch = mlm_mask(batch, self.mlm_mask_id, self.cfg.model.vocab_size, self.cfg.loss.mlm_prob, gen)
+            batch = mlm_mask(
+                batch, self.mlm_mask_id, self.cfg.model.vocab_size, self.cfg.loss.mlm_prob, gen
+            )
         return move_batch(batch, self.dev)
 
     def batch_flops(self, batch: dict[str, Tensor]) -> Tensor:
@@ -174,7 +180,9 @@ class Trainer:
 
         Returns whether the optimizer step was applied. Every rank takes the same decision.
         """
-        flags = torch.stack([nonfinite, torch.tensor(float(self.stop.signum is not None), device=self.dev)])
+        flags = torch.stack(
+            [nonfinite, torch.tensor(float(self.stop.signum is not None), device=self.dev)]
+        )
         engine.dp_all_reduce(flags)
         bad, stop = (float(x) for x in flags.tolist())
         self.stop_agreed = self.stop_agreed or stop > 0
@@ -182,19 +190,29 @@ class Trainer:
             return True
         latest = checkpoint.latest_tag(self.run_dir / "checkpoints") or "none yet"
         if self.cfg.train.nonfinite == "stop":
-            raise NonFiniteLoss(f"non-finite loss at step {self.step}; stopping. The last good "
-                                f"checkpoint is {latest} (train.nonfinite=skip skips such steps)")
+            raise NonFiniteLoss(
+                f"non-finite loss at step {self.step}; stopping. The last good "
+                f"checkpoint is {latest} (train.nonfinite=skip skips such steps)"
+            )
         if self.eng.was_step_applied():
-            raise NonFiniteLoss(f"non-finite loss at step {self.step} and DeepSpeed applied the "
-                                "update anyway (no overflow check in this engine configuration)")
+            raise NonFiniteLoss(
+                f"non-finite loss at step {self.step} and DeepSpeed applied the "
+                "update anyway (no overflow check in this engine configuration)"
+            )
         self.skipped_steps += 1
-        self.log.warning("non-finite loss at step %d: step skipped (%d so far)", self.step, self.skipped_steps)
+        self.log.warning(
+            "non-finite loss at step %d: step skipped (%d so far)", self.step, self.skipped_steps
+        )
         if self.skipped_steps > self.cfg.train.max_skipped_steps:
-            raise NonFiniteLoss(f"{self.skipped_steps} steps skipped for non-finite losses (step {self.step})")
+            raise NonFiniteLoss(
+                f"{self.skipped_steps} steps skipped for non-finite losses (step {self.step})"
+            )
         return False
 
     def update_target(self, momentum: float) -> None:
-        fragments, partitioned = engine.fp32_fragments(self.model.encoder.parameters(), self.eng.optimizer)
+        fragments, partitioned = engine.fp32_fragments(
+            self.model.encoder.parameters(), self.eng.optimizer
+        )
         reduce = engine.dp_all_reduce if partitioned else None
         ema_update(list(self.target.parameters()), fragments, momentum, reduce)
 
@@ -206,14 +224,20 @@ class Trainer:
         n = 0
         for i, batch in enumerate(val_loader):
             if self.mlm_mask_id is not None:
-                gen = torch.Generator().manual_seed(stable_hash63("mlm-val", self.cfg.train.seed, self.rank, i))
-                batch = mlm_mask(batch, self.mlm_mask_id, self.cfg.model.vocab_size, self.cfg.loss.mlm_prob, gen)
+                gen = torch.Generator().manual_seed(
+                    stable_hash63("mlm-val", self.cfg.train.seed, self.rank, i)
+                )
+                batch = mlm_mask(
+                    batch, self.mlm_mask_id, self.cfg.model.vocab_size, self.cfg.loss.mlm_prob, gen
+                )
                 batch = move_batch(batch, self.dev)
                 loss = mlm_loss(self.eng(batch), batch)
             else:
                 batch = move_batch(batch, self.dev)
                 targets = compute_targets(self.target, batch, self.autocast)
-                loss, _ = jepa_loss(self.eng(batch), targets, batch["tgt_sent_valid"], self.cfg.loss)
+                loss, _ = jepa_loss(
+                    self.eng(batch), targets, batch["tgt_sent_valid"], self.cfg.loss
+                )
             total += loss
             n += 1
         self.eng.train()
@@ -222,7 +246,12 @@ class Trainer:
     def log_step(self, acc: Accumulators, last: dict[str, Tensor]) -> dict[str, float | None]:
         """Scalars for TensorBoard and the console (the only host syncs of the loop)."""
         if last:
-            stats = {k: float(v) for k, v in representation_stats(**last).items()}
+            stats = {
+                k: float(v)
+                for k, v in representation_stats(
+                    last["preds"], last["targets"], last["slot_valid"]
+                ).items()
+            }
         else:  # MLM control: no sentence embeddings to watch
             stats = {"target_std": math.nan, "pred_std": math.nan, "pred_target_cos": math.nan}
         sums = torch.stack([acc.loss, acc.tokens, acc.finite])
@@ -237,7 +266,9 @@ class Trainer:
             "train/loss": float(sums[0]) / max(float(sums[2]), 1.0),
             "train/lr": schedules.learning_rate(self.step - 1, max_steps, o),
             "train/wd": schedules.weight_decay(self.step - 1, max_steps, o),
-            "train/ema_momentum": schedules.ema_momentum(self.step - 1, max_steps, o) if self.target is not None else None,
+            "train/ema_momentum": schedules.ema_momentum(self.step - 1, max_steps, o)
+            if self.target is not None
+            else None,
             "train/grad_norm": None if grad_norm is None else float(grad_norm),
             "perf/tokens_per_s": float(sums[1]) / elapsed,
             "perf/samples_per_s": acc.samples * self.world / elapsed,
@@ -264,11 +295,17 @@ class Trainer:
         self.log.warning(
             "!" * 20 + " REPRESENTATION COLLAPSE at step %d: effective rank %.2f (alarm < %.2f), "
             "target std %.4f (alarm < %.4f) for %d checks " + "!" * 20,
-            self.step, scalars["repr/effective_rank"], self.alarm.min_rank, scalars["repr/target_std"],
-            e.collapse_min_target_std, e.collapse_patience,
+            self.step,
+            scalars["repr/effective_rank"],
+            self.alarm.min_rank,
+            scalars["repr/target_std"],
+            e.collapse_min_target_std,
+            e.collapse_patience,
         )
         if e.collapse_stop:
-            raise RepresentationCollapse(f"representation collapse at step {self.step} (eval.collapse_stop)")
+            raise RepresentationCollapse(
+                f"representation collapse at step {self.step} (eval.collapse_stop)"
+            )
 
     def save(self) -> None:
         state = {
@@ -283,8 +320,15 @@ class Trainer:
             "manifest_sha256": self.manifest_sha256,
             "config": to_dict(self.cfg),
         }
-        checkpoint.save(self.eng, self.run_dir / "checkpoints", state, self.target, meta,
-                        self.cfg.train.keep_checkpoints, engine.barrier)
+        checkpoint.save(
+            self.eng,
+            self.run_dir / "checkpoints",
+            state,
+            self.target,
+            meta,
+            self.cfg.train.keep_checkpoints,
+            engine.barrier,
+        )
 
     def restore(self, ckpt_dir: Path, tag: str) -> None:
         meta = checkpoint.read_meta(ckpt_dir, tag)
@@ -309,8 +353,10 @@ def mlm_token_id(shard_dir: str) -> int:
 
     tok = AutoTokenizer.from_pretrained(str(Path(shard_dir) / "tokenizer"))
     if tok.mask_token_id is None:
-        raise ConfigError(f"config key 'objective': mlm needs a tokenizer with a mask token; "
-                          f"{shard_dir}/tokenizer has none")
+        raise ConfigError(
+            f"config key 'objective': mlm needs a tokenizer with a mask token; "
+            f"{shard_dir}/tokenizer has none"
+        )
     return int(tok.mask_token_id)
 
 
@@ -330,7 +376,9 @@ def setup(cfg: Config, ds_config_path: str) -> Trainer:
     check_tokenizer(cfg.data.shards, cfg.data.tokenizer)
     vocab = cfg.model.vocab_size or int(manifest["tokenizer"]["vocab_size"])
     if vocab < int(manifest["tokenizer"]["vocab_size"]):
-        raise ValueError(f"model.vocab_size={vocab} < the shards' vocabulary ({manifest['tokenizer']['vocab_size']})")
+        raise ValueError(
+            f"model.vocab_size={vocab} < the shards' vocabulary ({manifest['tokenizer']['vocab_size']})"
+        )
     cfg.model.vocab_size = vocab
     resolve_batch(cfg, world)
     ds_config = engine.build_ds_config(ds_config_path, cfg, world)
@@ -346,17 +394,31 @@ def setup(cfg: Config, ds_config_path: str) -> Trainer:
     info = run_info(cfg, sha, world, ds_config)
     if rank == 0:
         write_run_dir(run_dir, cfg, info)
-    log.info("run %s | git %s | world %d | %s | ds %s", run_dir, info["git_revision"], world,
-             engine.accelerator_name(), ds_config_path)
+    log.info(
+        "run %s | git %s | world %d | %s | ds %s",
+        run_dir,
+        info["git_revision"],
+        world,
+        engine.accelerator_name(),
+        ds_config_path,
+    )
     n_enc = sum(p.numel() for p in model.encoder.parameters())
     n_head = sum(p.numel() for p in model.parameters()) - n_enc
-    log.info("objective %s | encoder %.1fM params, %s %.1fM params", cfg.objective, n_enc / 1e6,
-             "predictor" if target is not None else "MLM head", n_head / 1e6)
-    trainer = Trainer(cfg, eng, target.to(dev) if target is not None else None, dev, rank, world, run_dir, sha)
+    log.info(
+        "objective %s | encoder %.1fM params, %s %.1fM params",
+        cfg.objective,
+        n_enc / 1e6,
+        "predictor" if target is not None else "MLM head",
+        n_head / 1e6,
+    )
+    trainer = Trainer(
+        cfg, eng, target.to(dev) if target is not None else None, dev, rank, world, run_dir, sha
+    )
     trainer.mlm_mask_id = mask_id
     e = cfg.eval
-    trainer.alarm = CollapseAlarm(e.collapse_min_rank_frac * cfg.model.dim, e.collapse_min_target_std,
-                                  e.collapse_patience)
+    trainer.alarm = CollapseAlarm(
+        e.collapse_min_rank_frac * cfg.model.dim, e.collapse_min_target_std, e.collapse_patience
+    )
     trainer.autocast = torch.bfloat16 if cfg.train.precision == "bf16" else None
     trainer.ranks = RankWindow(cfg.log.rankme_window)
     trainer.writer = ScalarWriter(run_dir / "tb" if rank == 0 and cfg.log.tensorboard else None)
@@ -384,16 +446,23 @@ def run(trainer: Trainer) -> int:
         if trainer.step % t.log_interval == 0 or trainer.step == t.max_steps:
             scalars = trainer.log_step(acc, last)
             trainer.watch_collapse(scalars)
-            if val_loader is not None and (trainer.step % t.val_interval == 0 or trainer.step == t.max_steps):
+            if val_loader is not None and (
+                trainer.step % t.val_interval == 0 or trainer.step == t.max_steps
+            ):
                 scalars["val/loss"] = trainer.validate(val_loader)
             _report(trainer, scalars)
             acc = Accumulators.zeros(trainer.dev)
         if trainer.stop_agreed:
-            trainer.log.warning("stop signal: checkpointing step %d, exiting with %d for requeue",
-                                trainer.step, EXIT_REQUEUE)
+            trainer.log.warning(
+                "stop signal: checkpointing step %d, exiting with %d for requeue",
+                trainer.step,
+                EXIT_REQUEUE,
+            )
             trainer.save()
             return EXIT_REQUEUE
-        if t.save_interval > 0 and (trainer.step % t.save_interval == 0 or trainer.step == t.max_steps):
+        if t.save_interval > 0 and (
+            trainer.step % t.save_interval == 0 or trainer.step == t.max_steps
+        ):
             trainer.save()
         if trainer.step == t.exit_at_step:
             if not (t.save_interval > 0 and trainer.step % t.save_interval == 0):
