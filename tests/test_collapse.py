@@ -1,0 +1,39 @@
+"""The collapse alarm: unit behaviour, and a real run with the EMA switched off trips it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lang_jepa.metrics import CollapseAlarm
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_alarm_needs_patience_and_resets():
+    alarm = CollapseAlarm(min_rank=2.0, min_std=0.05, patience=3)
+    assert not alarm.check(1.5, 0.5) and not alarm.check(1.5, 0.5)
+    assert not alarm.check(10.0, 0.5)  # healthy check resets the count
+    assert [alarm.check(10.0, 0.01) for _ in range(3)] == [False, False, True]
+    assert alarm.tripped and not alarm.check(1.0, 0.01)  # trips once
+    assert not CollapseAlarm(2.0, 0.05, 1).check(float("nan"), float("nan"))  # MLM: nothing to watch
+
+
+@pytest.mark.engine
+def test_ema_off_run_trips_the_alarm_and_stops(tmp_path, tiny_shards):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, "train.py", "--config", "tiny", f"data.shards={tiny_shards}",
+           f"train.run_dir={tmp_path / 'run'}", "train.max_steps=200", "train.log_interval=5",
+           "train.val_interval=0", "train.save_interval=0", "optim.ema_start=0", "optim.ema_end=0",
+           "eval.collapse_stop=true"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "REPRESENTATION COLLAPSE" in proc.stdout
+    assert "representation collapse at step" in proc.stderr
+    step = int(proc.stderr.split("representation collapse at step ")[1].split()[0])
+    assert step < 200
