@@ -1,0 +1,133 @@
+"""Load what the suite evaluates: a run directory (predictor + encoders) or an export directory.
+
+A run directory (``config.yaml`` + ``checkpoints/``) gives the JEPA module (context encoder +
+predictor, consolidated fp32 master weights) and the EMA target encoder
+(``target_encoder.safetensors``). An export directory (``python -m lang_jepa.export``) gives
+an encoder only. Either way the encoder-level tasks run on a :class:`lang_jepa.Encoder`, so a
+run of any objective (``jepa`` or ``mlm``) is evaluated by the same code as soon as it has an
+encoder.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lang_jepa.config import Config, load_config
+from lang_jepa.encoder_api import (
+    FORMAT,
+    TOKENIZER_DIR,
+    Encoder,
+    _load_tokenizer,
+    build_encoder,
+    encoder_hparams,
+)
+from lang_jepa.export import (
+    _zero0_module_states,
+    locate_checkpoint,
+    read_checkpoint_meta,
+    target_state_dict,
+)
+from lang_jepa.models import TextEncoder
+from lang_jepa.objective import JEPA, build_models
+
+log = logging.getLogger("lang_jepa.eval")
+
+
+@dataclass
+class LoadedRun:
+    """A run's models at one checkpoint (CPU, eval mode)."""
+
+    cfg: Config
+    step: int
+    tag: str
+    objective: str  # jepa | mlm (any objective other than jepa: no predictor metrics)
+    jepa: JEPA | None  # context encoder + predictor (jepa runs)
+    target: TextEncoder | None  # EMA target encoder, when the checkpoint has one
+    online: TextEncoder | None  # the trained context / MLM encoder
+    tokenizer_dir: Path
+
+
+def is_run_dir(path: Path) -> bool:
+    return (path / "config.yaml").is_file() and (path / "checkpoints").is_dir()
+
+
+def run_objective(cfg: Config) -> str:
+    """``jepa`` unless the config names another objective (``objective`` or ``train.objective``)."""
+    for owner in (cfg, getattr(cfg, "train", None)):
+        value = getattr(owner, "objective", None)
+        if isinstance(value, str) and value:
+            return value
+    return "jepa"
+
+
+def _full_state(ckpt_dir: Path, tag: str, zero_stage: int) -> dict[str, torch.Tensor]:
+    """The DeepSpeed module's consolidated fp32 state_dict (every parameter, not only the encoder)."""
+    if zero_stage >= 1:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    else:
+        state = _zero0_module_states(ckpt_dir / tag)
+    return {k: v.float() for k, v in state.items()}
+
+
+def load_run(run_dir: str | Path, tag: str | None = None) -> LoadedRun:
+    """Models of a run directory at ``tag`` (default: ``checkpoints/latest``)."""
+    run = Path(run_dir)
+    cfg = load_config(str(run / "config.yaml"))
+    ckpt_dir, tag = locate_checkpoint(run, tag)
+    meta = read_checkpoint_meta(ckpt_dir, tag)
+    state = _full_state(ckpt_dir, tag, int(meta.get("zero_stage", 0)))
+    objective = run_objective(cfg)
+    vocab = (
+        int(state["encoder.tok_emb.weight"].shape[0])
+        if "encoder.tok_emb.weight" in state
+        else cfg.model.vocab_size
+    )
+    jepa, target = build_models(cfg, vocab)
+    online: TextEncoder | None = None
+    if objective == "jepa":
+        jepa.load_state_dict(state, strict=True)
+        jepa.float().eval()
+        online = jepa.encoder
+    else:  # e.g. mlm: only the encoder's weights are shared with the JEPA layout
+        jepa = None
+        enc = {k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")}
+        online = build_encoder(encoder_hparams(_model_dict(cfg), vocab))
+        online.load_state_dict(enc, strict=True)
+    target_file = ckpt_dir / tag / "target_encoder.safetensors"
+    if target_file.is_file():
+        target.load_state_dict(target_state_dict(ckpt_dir / tag), strict=True)
+    else:
+        target = None
+    tok = Path(cfg.data.shards) / TOKENIZER_DIR
+    return LoadedRun(cfg, int(meta["step"]), tag, objective, jepa, target, online, tok)
+
+
+def _model_dict(cfg: Config) -> dict:
+    from lang_jepa.config import to_dict
+
+    return to_dict(cfg)["model"]
+
+
+def make_encoder(model: nn.Module, tokenizer_dir: Path, device: str = "cpu") -> Encoder:
+    """Wrap a TextEncoder (any weights: target, online, random) in the public Encoder API."""
+    hp = {"max_len": int(model.max_len), "dim": int(model.dim)}
+    if not tokenizer_dir.is_dir():
+        raise FileNotFoundError(
+            f"tokenizer directory {tokenizer_dir} not found (the run's data.shards)"
+        )
+    return Encoder(model.float().eval(), _load_tokenizer(tokenizer_dir), {"format": FORMAT, "model": hp},
+                   torch.device(device))  # fmt: skip
+
+
+def random_encoder(cfg_model: dict, vocab_size: int, tokenizer_dir: Path, seed: int = 0) -> Encoder:
+    """A freshly initialised encoder of the same preset (the random-init baseline), seeded."""
+    torch.manual_seed(seed)
+    model = build_encoder(encoder_hparams(cfg_model, vocab_size))
+    return make_encoder(model, tokenizer_dir)
