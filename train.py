@@ -1,7 +1,7 @@
 """LANG-JEPA pretraining entry point.
 
-    deepspeed train.py --deepspeed_config ds_configs/zero2.json [--config PRESET_OR_YAML] [key.sub=value ...]
-    torchrun --nproc_per_node 2 train.py ...   |   python train.py ...   (one process, no launcher)
+deepspeed train.py --deepspeed_config ds_configs/zero2.json [--config PRESET_OR_YAML] [key.sub=value ...]
+torchrun --nproc_per_node 2 train.py ...   |   python train.py ...   (one process, no launcher)
 """
 
 from __future__ import annotations
@@ -11,10 +11,18 @@ import sys
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--deepspeed_config", default="ds_configs/zero2.json", help="engine settings (JSON)")
-    parser.add_argument("--config", default=None, help="preset name (tiny, small, base, large, xl) or a YAML file")
-    parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--deepspeed_config", default="ds_configs/zero2.json", help="engine settings (JSON)"
+    )
+    parser.add_argument(
+        "--config", default=None, help="preset name (tiny, small, base, large, xl) or a YAML file"
+    )
+    parser.add_argument(
+        "--local_rank", type=int, default=None, help="set by the deepspeed launcher"
+    )
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100")
     return parser.parse_args(argv)
 

@@ -97,12 +97,21 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save(engine: Any, ckpt_dir: Path, state: dict[str, Any], target: torch.nn.Module | None, meta: dict[str, Any],
-         keep: int, barrier: Any) -> Path:
+def save(
+    engine: Any,
+    ckpt_dir: Path,
+    state: dict[str, Any],
+    target: torch.nn.Module | None,
+    meta: dict[str, Any],
+    keep: int,
+    barrier: Any,
+) -> Path:
     """Write one checkpoint on every rank (a collective), then publish it as ``latest``."""
     tag = tag_for(int(state["step"]))
     rank = engine.global_rank
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": int(state["step"])}, save_latest=False)
+    engine.save_checkpoint(
+        str(ckpt_dir), tag=tag, client_state={"step": int(state["step"])}, save_latest=False
+    )
     out = ckpt_dir / tag
     torch.save(state, out / f"trainer_state_rank{rank}.pt")
     if rank == 0:

@@ -196,30 +196,49 @@ def _check(ok: bool, key: str, msg: str) -> None:
 def validate(cfg: Config) -> None:
     """Cross-field checks that types alone cannot express; errors name the key."""
     m, p, mk, o, t = cfg.model, cfg.predictor, cfg.mask, cfg.optim, cfg.train
-    _check(m.dim % m.heads == 0, "model.heads", f"model.dim={m.dim} is not divisible by it ({m.heads})")
-    _check(p.dim % p.heads == 0, "predictor.heads", f"predictor.dim={p.dim} not divisible by {p.heads}")
+    _check(
+        m.dim % m.heads == 0, "model.heads", f"model.dim={m.dim} is not divisible by it ({m.heads})"
+    )
+    _check(
+        p.dim % p.heads == 0, "predictor.heads", f"predictor.dim={p.dim} not divisible by {p.heads}"
+    )
     if m.pos == "rope":
         _check((m.dim // m.heads) % 2 == 0, "model.heads", "rope needs an even head dimension")
         _check((p.dim // p.heads) % 2 == 0, "predictor.heads", "rope needs an even head dimension")
     _check(m.pos in ("rope", "learned"), "model.pos", f"{m.pos!r} is not rope | learned")
     _check(m.seq_len >= 8, "model.seq_len", "must be >= 8")
-    _check(1 <= mk.min_blocks <= mk.max_blocks, "mask.max_blocks", "need 1 <= min_blocks <= max_blocks")
-    _check(0 < mk.min_block_frac <= mk.max_block_frac < 1, "mask.max_block_frac",
-           "need 0 < min_block_frac <= max_block_frac < 1")
+    _check(
+        1 <= mk.min_blocks <= mk.max_blocks, "mask.max_blocks", "need 1 <= min_blocks <= max_blocks"
+    )
+    _check(
+        0 < mk.min_block_frac <= mk.max_block_frac < 1,
+        "mask.max_block_frac",
+        "need 0 < min_block_frac <= max_block_frac < 1",
+    )
     _check(0 <= mk.min_context_frac < 1, "mask.min_context_frac", "must be in [0, 1)")
     _check(cfg.objective in ("jepa", "mlm"), "objective", f"{cfg.objective!r} is not jepa | mlm")
     _check(0 < cfg.loss.mlm_prob < 1, "loss.mlm_prob", "must be in (0, 1)")
-    _check(cfg.loss.type in ("smooth_l1", "l2", "cosine"), "loss.type", f"{cfg.loss.type!r} unknown")
+    _check(
+        cfg.loss.type in ("smooth_l1", "l2", "cosine"), "loss.type", f"{cfg.loss.type!r} unknown"
+    )
     _check(cfg.loss.reg in ("none", "vicreg", "sigreg"), "loss.reg", f"{cfg.loss.reg!r} unknown")
     _check(len(o.betas) == 2, "optim.betas", "needs two values")
-    _check(0 <= o.ema_start <= o.ema_end <= 1, "optim.ema_end", "need 0 <= ema_start <= ema_end <= 1")
-    _check(t.precision in ("bf16", "fp32"), "train.precision", f"{t.precision!r} is not bf16 | fp32")
+    _check(
+        0 <= o.ema_start <= o.ema_end <= 1, "optim.ema_end", "need 0 <= ema_start <= ema_end <= 1"
+    )
+    _check(
+        t.precision in ("bf16", "fp32"), "train.precision", f"{t.precision!r} is not bf16 | fp32"
+    )
     _check(t.max_steps > 0, "train.max_steps", "must be positive")
     _check(t.grad_accum_steps >= 1, "train.grad_accum_steps", "must be >= 1")
     _check(cfg.data.micro_batch_size >= 1, "data.micro_batch_size", "must be >= 1")
     _check(t.log_interval >= 1, "train.log_interval", "must be >= 1")
-    _check(t.nonfinite in ("stop", "skip"), "train.nonfinite", f"{t.nonfinite!r} is not stop | skip")
-    _check(t.resume in ("auto", "none") or len(t.resume) > 0, "train.resume", "auto | none | a path")
+    _check(
+        t.nonfinite in ("stop", "skip"), "train.nonfinite", f"{t.nonfinite!r} is not stop | skip"
+    )
+    _check(
+        t.resume in ("auto", "none") or len(t.resume) > 0, "train.resume", "auto | none | a path"
+    )
 
 
 def resolve_batch(cfg: Config, world_size: int) -> tuple[int, int, int]:
@@ -228,7 +247,11 @@ def resolve_batch(cfg: Config, world_size: int) -> tuple[int, int, int]:
     ``train.global_batch_size`` may be 0 (derived) or a value that must equal
     micro * world * accum; when it is set and accumulation is left at 1, accumulation is derived.
     """
-    micro, accum, glob = cfg.data.micro_batch_size, cfg.train.grad_accum_steps, cfg.train.global_batch_size
+    micro, accum, glob = (
+        cfg.data.micro_batch_size,
+        cfg.train.grad_accum_steps,
+        cfg.train.global_batch_size,
+    )
     if glob == 0:
         return micro, accum, micro * world_size * accum
     if accum == 1 and glob % (micro * world_size) == 0:

@@ -51,12 +51,20 @@ def ema_update(
         bucket.append(i)
         size += target.numel()
         if size >= bucket_numel or i == len(target_params) - 1:
-            _reduce_bucket([target_params[j] for j in bucket], [fragments[j] for j in bucket], weight, all_reduce)
+            _reduce_bucket(
+                [target_params[j] for j in bucket],
+                [fragments[j] for j in bucket],
+                weight,
+                all_reduce,
+            )
             bucket, size = [], 0
 
 
 def _reduce_bucket(
-    targets: list[Tensor], fragments: list[Sequence[Fragment]], weight: float, all_reduce: Callable[[Tensor], None]
+    targets: list[Tensor],
+    fragments: list[Sequence[Fragment]],
+    weight: float,
+    all_reduce: Callable[[Tensor], None],
 ) -> None:
     total = sum(t.numel() for t in targets)
     delta = torch.zeros(total, dtype=torch.float32, device=targets[0].device)
@@ -65,7 +73,9 @@ def _reduce_bucket(
         flat = target.view(-1)
         for start, values in frags:
             n = values.numel()
-            delta[offset + start : offset + start + n] = values.reshape(-1).to(delta) - flat[start : start + n]
+            delta[offset + start : offset + start + n] = (
+                values.reshape(-1).to(delta) - flat[start : start + n]
+            )
         offset += target.numel()
     all_reduce(delta)
     offset = 0

@@ -24,7 +24,12 @@ from .config import Config, ConfigError, resolve_batch
 from .ema import Fragment
 
 # Engine settings we fill from our config: ds key -> (our key, value getter)
-AUTO_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size", "gradient_clipping")
+AUTO_KEYS = (
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "train_batch_size",
+    "gradient_clipping",
+)
 FORBIDDEN_SECTIONS = {
     "optimizer": "the optimizer is built from optim.* (AdamW, FusedAdam on GPU)",
     "scheduler": "lr / weight-decay schedules are pure functions of the step in lang_jepa.schedules",
@@ -99,7 +104,7 @@ def build_ds_config(path: str | Path, cfg: Config, world_size: int) -> dict[str,
     if ds_bf16 != "auto" and bool(ds_bf16) != bf16:
         raise ConfigError(
             f"deepspeed config {path}: key 'bf16.enabled' is {ds_bf16} but train.precision is "
-            f"{cfg.train.precision}; set it to \"auto\""
+            f'{cfg.train.precision}; set it to "auto"'
         )
     ds["bf16"]["enabled"] = bf16
     ds.setdefault("steps_per_print", 10**9)  # we log ourselves
@@ -125,11 +130,20 @@ def param_groups(model: nn.Module) -> list[dict[str, Any]]:
     ]
 
 
-def build_optimizer(groups: list[dict[str, Any]], cfg: Config, ds_config: dict[str, Any]) -> torch.optim.Optimizer:
+def build_optimizer(
+    groups: list[dict[str, Any]], cfg: Config, ds_config: dict[str, Any]
+) -> torch.optim.Optimizer:
     """AdamW: DeepSpeedCPUAdam with optimizer offload, FusedAdam on GPU, torch AdamW otherwise."""
     o = cfg.optim
-    kwargs: dict[str, Any] = {"lr": o.start_lr, "betas": tuple(o.betas), "eps": o.eps, "weight_decay": 0.0}
-    offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    kwargs: dict[str, Any] = {
+        "lr": o.start_lr,
+        "betas": tuple(o.betas),
+        "eps": o.eps,
+        "weight_decay": 0.0,
+    }
+    offload = (
+        ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    )
     if offload in ("cpu", "nvme"):
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
@@ -141,7 +155,9 @@ def build_optimizer(groups: list[dict[str, Any]], cfg: Config, ds_config: dict[s
     return torch.optim.AdamW(groups, **kwargs)
 
 
-def initialize(model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict[str, Any]) -> Any:
+def initialize(
+    model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict[str, Any]
+) -> Any:
     """``deepspeed.initialize`` with our model, optimizer and filled config; returns the engine."""
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     return engine
@@ -157,13 +173,22 @@ def apply_schedule(engine: Any, lr: float, wd: float) -> None:
 def _unfused_masters(optimizer: Any) -> dict[int, Tensor]:
     """ZeRO-0 with bf16 wraps the optimizer in FP16_UnfusedOptimizer, which keeps whole fp32
     masters beside the bf16 weights: map id(bf16 param) -> its fp32 master."""
-    lp_groups, hp_groups = getattr(optimizer, "fp16_groups", None), getattr(optimizer, "fp32_groups", None)
+    lp_groups, hp_groups = (
+        getattr(optimizer, "fp16_groups", None),
+        getattr(optimizer, "fp32_groups", None),
+    )
     if not lp_groups or not hp_groups:
         return {}
-    return {id(lp): hp for lg, hg in zip(lp_groups, hp_groups, strict=True) for lp, hp in zip(lg, hg, strict=True)}
+    return {
+        id(lp): hp
+        for lg, hg in zip(lp_groups, hp_groups, strict=True)
+        for lp, hp in zip(lg, hg, strict=True)
+    }
 
 
-def fp32_fragments(params: Iterable[nn.Parameter], optimizer: Any = None) -> tuple[list[list[Fragment]], bool]:
+def fp32_fragments(
+    params: Iterable[nn.Parameter], optimizer: Any = None
+) -> tuple[list[list[Fragment]], bool]:
     """This rank's fp32 master slices of each parameter, and whether they are partitioned.
 
     ZeRO-3: the rank's partition of the flattened parameter; ZeRO-1/2 and the bf16 optimizer:
@@ -191,7 +216,9 @@ def fp32_fragments(params: Iterable[nn.Parameter], optimizer: Any = None) -> tup
             if mapping is None:
                 out.append([])
             else:
-                out.append([(mapping.lp_fragment_address.start, mapping.get_hp_fragment().reshape(-1))])
+                out.append(
+                    [(mapping.lp_fragment_address.start, mapping.get_hp_fragment().reshape(-1))]
+                )
         else:
             master = masters.get(id(p), p)
             if master.dtype != torch.float32:

@@ -65,4 +65,6 @@ class MLM(nn.Module):
 
 def mlm_loss(logits: Tensor, batch: Batch) -> Tensor:
     """Mean cross-entropy over the chosen positions (fp32)."""
-    return F.cross_entropy(logits.float().flatten(0, 1), batch["mlm_labels"].flatten(), ignore_index=-100)
+    return F.cross_entropy(
+        logits.float().flatten(0, 1), batch["mlm_labels"].flatten(), ignore_index=-100
+    )

@@ -44,16 +44,20 @@ class JEPA(nn.Module):
         self.predictor = predictor
 
     def encode_context(self, batch: Batch) -> Tensor:
-        """Context features [B, Nc, D]."""
-        ids = gather_tokens(batch["input_ids"], batch["ctx_index"])
-        pos = gather_tokens(batch["position_ids"], batch["ctx_index"])
-        return self.encoder(ids, pos, batch["ctx_valid"])
+        """Context features [B, Nc, D]. Padding slots of ``ctx_index`` (index 0, which may be a
+        target token) are replaced by the pad id, so not even a masked-out target id enters."""
+        ctx_valid = batch["ctx_valid"]
+        ids = gather_tokens(batch["input_ids"], batch["ctx_index"]).masked_fill(~ctx_valid, 0)
+        pos = gather_tokens(batch["position_ids"], batch["ctx_index"]).masked_fill(~ctx_valid, 0)
+        return self.encoder(ids, pos, ctx_valid)
 
     def forward(self, batch: Batch) -> Tensor:
         ctx = self.encode_context(batch)
         return self.predictor(
             ctx,
-            ctx_pos=gather_tokens(batch["position_ids"], batch["ctx_index"]),
+            ctx_pos=gather_tokens(batch["position_ids"], batch["ctx_index"]).masked_fill(
+                ~batch["ctx_valid"], 0
+            ),
             ctx_valid=batch["ctx_valid"],
             tgt_pos=gather_tokens(batch["position_ids"], batch["tgt_index"]),
             tgt_valid=batch["tgt_valid"],
@@ -86,7 +90,9 @@ def build_models(cfg: Config, vocab_size: int) -> tuple[JEPA, TextEncoder]:
 
 
 @torch.no_grad()
-def compute_targets(target_encoder: TextEncoder, batch: Batch, autocast: torch.dtype | None) -> Tensor:
+def compute_targets(
+    target_encoder: TextEncoder, batch: Batch, autocast: torch.dtype | None
+) -> Tensor:
     """Target-sentence embeddings [B, S, D], fp32.
 
     The target encoder reads the full window; its final features are mean-pooled over each target
@@ -96,7 +102,9 @@ def compute_targets(target_encoder: TextEncoder, batch: Batch, autocast: torch.d
     with torch.autocast(device_type, dtype=autocast or torch.float32, enabled=autocast is not None):
         feats = target_encoder(batch["input_ids"], batch["position_ids"], batch["valid"])
     tokens = gather_tokens(feats.float(), batch["tgt_index"])
-    pooled = pool_by_slot(tokens, batch["tgt_sent"], batch["tgt_valid"], batch["tgt_sent_valid"].shape[1])
+    pooled = pool_by_slot(
+        tokens, batch["tgt_sent"], batch["tgt_valid"], batch["tgt_sent_valid"].shape[1]
+    )
     return F.layer_norm(pooled, (pooled.shape[-1],))
 
 
@@ -131,7 +139,9 @@ def sigreg_term(z: Tensor, generator: torch.Generator | None = None, n_dirs: int
     return (err * weight).sum(-1).mean() * z.shape[0]
 
 
-def jepa_loss(pred: Tensor, target: Tensor, slot_valid: Tensor, cfg: LossConfig) -> tuple[Tensor, dict[str, Tensor]]:
+def jepa_loss(
+    pred: Tensor, target: Tensor, slot_valid: Tensor, cfg: LossConfig
+) -> tuple[Tensor, dict[str, Tensor]]:
     """Mean per-sentence loss over valid target slots (+ optional regulariser on predictions).
 
     pred, target [B, S, D]; slot_valid [B, S]. Returns (loss, {"pred_loss", "reg"}), fp32.
@@ -179,4 +189,6 @@ def effective_rank(z: Tensor) -> float:
 
 def move_batch(batch: dict[str, Any], device: torch.device) -> Batch:
     """Tensors to ``device`` (non-blocking: the loader pins memory)."""
-    return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+    return {
+        k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()
+    }

@@ -24,7 +24,10 @@ def git_revision() -> str:
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
         ).stdout.strip()
         return f"{sha}-dirty" if dirty else sha
     except (OSError, subprocess.CalledProcessError):
@@ -41,7 +44,9 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def run_info(cfg: Config, manifest_sha256: str, world_size: int, ds_config: dict[str, Any]) -> dict[str, Any]:
+def run_info(
+    cfg: Config, manifest_sha256: str, world_size: int, ds_config: dict[str, Any]
+) -> dict[str, Any]:
     return {
         "git_revision": git_revision(),
         "packages": package_versions(),
@@ -72,7 +77,9 @@ def setup_logging(rank: int, run_dir: Path | None) -> logging.Logger:
     log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     if run_dir is not None:
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(run_dir / "logs" / ("train.log" if rank == 0 else f"rank{rank}.log"))
+        handler = logging.FileHandler(
+            run_dir / "logs" / ("train.log" if rank == 0 else f"rank{rank}.log")
+        )
         handler.setFormatter(fmt)
         log.addHandler(handler)
     return log

@@ -20,7 +20,9 @@ def test_alarm_needs_patience_and_resets():
     assert not alarm.check(10.0, 0.5)  # healthy check resets the count
     assert [alarm.check(10.0, 0.01) for _ in range(3)] == [False, False, True]
     assert alarm.tripped and not alarm.check(1.0, 0.01)  # trips once
-    assert not CollapseAlarm(2.0, 0.05, 1).check(float("nan"), float("nan"))  # MLM: nothing to watch
+    assert not CollapseAlarm(2.0, 0.05, 1).check(
+        float("nan"), float("nan")
+    )  # MLM: nothing to watch
 
 
 @pytest.mark.engine

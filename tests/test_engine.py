@@ -35,13 +35,28 @@ def _env() -> dict[str, str]:
 def run_worker(tmp: Path, shards: Path, stage: int, ranks: int, *overrides: str) -> list[dict]:
     out = tmp / f"out-z{stage}-r{ranks}-{abs(hash(overrides)) % 10**8}"
     out.mkdir()
-    args = [str(out), str(stage), f"data.shards={shards}", f"train.run_dir={out / 'run'}",
-            "train.max_steps=12", "train.save_interval=0", "train.val_interval=0", *overrides]
+    args = [
+        str(out),
+        str(stage),
+        f"data.shards={shards}",
+        f"train.run_dir={out / 'run'}",
+        "train.max_steps=12",
+        "train.save_interval=0",
+        "train.val_interval=0",
+        *overrides,
+    ]
     if ranks == 1:
         cmd = [sys.executable, str(WORKER), *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
-               f"--master_port={_port()}", str(WORKER), *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={ranks}",
+            f"--master_port={_port()}",
+            str(WORKER),
+            *args,
+        ]
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(ranks)]
@@ -64,7 +79,9 @@ def assert_same(a: dict, b: dict, atol: float = 0.0) -> None:
 
 @pytest.mark.parametrize("stage,ranks", [(2, 1), (2, 2), (3, 2)])
 def test_loss_falls_ema_and_ranks_agree(tmp_path, tiny_shards, stage, ranks):
-    results = run_worker(tmp_path, tiny_shards, stage, ranks, "optim.ema_start=0.9", "optim.ema_end=0.95")
+    results = run_worker(
+        tmp_path, tiny_shards, stage, ranks, "optim.ema_start=0.9", "optim.ema_end=0.95"
+    )
     losses = results[0]["losses"]
     assert sum(losses[-4:]) < 0.9 * sum(losses[:4]), losses
     for r in results:
@@ -86,7 +103,9 @@ def test_zero0_equals_zero2_fp32(tmp_path, tiny_shards):
 
 def test_activation_checkpointing_same_loss(tmp_path, tiny_shards):
     plain = run_worker(tmp_path, tiny_shards, 2, 1)[0]["losses"]
-    ckpt = run_worker(tmp_path, tiny_shards, 2, 1, "model.activation_checkpointing=true")[0]["losses"]
+    ckpt = run_worker(tmp_path, tiny_shards, 2, 1, "model.activation_checkpointing=true")[0][
+        "losses"
+    ]
     torch.testing.assert_close(torch.tensor(plain), torch.tensor(ckpt), rtol=1e-6, atol=1e-7)
 
 

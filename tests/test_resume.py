@@ -44,7 +44,9 @@ def command(run_dir: Path, shards: Path, ranks: int, *extra: str) -> list[str]:
 
 
 def run(cmd: list[str], **env: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(**env), capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=_env(**env), capture_output=True, text=True, timeout=900
+    )
     return proc
 
 
@@ -108,7 +110,9 @@ def test_sigusr1_to_one_rank_checkpoints_the_agreed_step_and_exits_75(tmp_path, 
     while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
         assert proc.poll() is None, proc.stdout.read()
         time.sleep(0.05)
-    children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    children = subprocess.run(
+        ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True
+    ).stdout.split()
     assert len(children) == 2
     os.kill(int(children[-1]), signal.SIGUSR1)  # one rank only: the others must agree
     out, _ = proc.communicate(timeout=300)
@@ -124,8 +128,14 @@ def test_sigusr1_to_one_rank_checkpoints_the_agreed_step_and_exits_75(tmp_path, 
 
 def test_sigterm_single_process_exit_code(tmp_path, tiny_shards):
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(command(run_dir, tiny_shards, 1, "train.save_interval=0"), cwd=REPO,
-                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        command(run_dir, tiny_shards, 1, "train.save_interval=0"),
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     metrics = run_dir / "logs" / "metrics.jsonl"
     while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
         assert proc.poll() is None, proc.stdout.read()

@@ -35,7 +35,9 @@ def _env() -> dict[str, str]:
     return env
 
 
-def train(launcher: list[str], run_dir: Path, shards: Path, *extra: str) -> subprocess.CompletedProcess:
+def train(
+    launcher: list[str], run_dir: Path, shards: Path, *extra: str
+) -> subprocess.CompletedProcess:
     cmd = [*launcher, "train.py", "--deepspeed_config", "ds_configs/zero2.json", "--config", "tiny",
            f"data.shards={shards}", f"train.run_dir={run_dir}", *extra]  # fmt: skip
     return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
@@ -70,9 +72,23 @@ def test_python_single_process_writes_run_dir_and_tensorboard(tmp_path, tiny_sha
 def test_two_rank_launchers(tmp_path, tiny_shards, launcher):
     port = str(_port())
     if launcher == "torchrun":
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            port,
+        ]
     else:
-        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", port]
+        cmd = [
+            str(Path(sys.executable).parent / "deepspeed"),
+            "--num_gpus",
+            "2",
+            "--master_port",
+            port,
+        ]
     proc = train(cmd, tmp_path / "run", tiny_shards, "train.max_steps=6", "train.val_interval=3")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     info = json.loads((tmp_path / "run" / "run_info.json").read_text())
@@ -103,4 +119,6 @@ def test_conflicting_deepspeed_value_is_an_error(tmp_path, tiny_shards):
            f"data.shards={tiny_shards}", f"train.run_dir={tmp_path / 'run'}"]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
-    assert "train_micro_batch_size_per_gpu" in proc.stderr and "data.micro_batch_size" in proc.stderr
+    assert (
+        "train_micro_batch_size_per_gpu" in proc.stderr and "data.micro_batch_size" in proc.stderr
+    )

@@ -50,6 +50,7 @@ class LoadedRun:
     target: TextEncoder | None  # EMA target encoder, when the checkpoint has one
     online: TextEncoder | None  # the trained context / MLM encoder
     tokenizer_dir: Path
+    vocab_size: int
 
 
 def is_run_dir(path: Path) -> bool:
@@ -106,7 +107,7 @@ def load_run(run_dir: str | Path, tag: str | None = None) -> LoadedRun:
     else:
         target = None
     tok = Path(cfg.data.shards) / TOKENIZER_DIR
-    return LoadedRun(cfg, int(meta["step"]), tag, objective, jepa, target, online, tok)
+    return LoadedRun(cfg, int(meta["step"]), tag, objective, jepa, target, online, tok, vocab)
 
 
 def _model_dict(cfg: Config) -> dict:

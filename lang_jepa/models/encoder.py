@@ -70,7 +70,9 @@ class TextEncoder(nn.Module):
     def activation_checkpointing(self, on: bool) -> None:
         self.stack.activation_checkpointing = on
 
-    def forward(self, input_ids: Tensor, position_ids: Tensor, valid: Tensor | None = None) -> Tensor:
+    def forward(
+        self, input_ids: Tensor, position_ids: Tensor, valid: Tensor | None = None
+    ) -> Tensor:
         x = self.tok_emb(input_ids)
         rope = None
         if self.pos_emb is not None:

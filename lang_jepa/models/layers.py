@@ -16,7 +16,10 @@ from torch.utils.checkpoint import checkpoint
 def rope_cos_sin(position_ids: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
     """Rotary tables for ``position_ids`` [B, N] -> cos, sin [B, 1, N, head_dim] (fp32)."""
     inv_freq = 1.0 / (
-        theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim)
+        theta
+        ** (
+            torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim
+        )
     )
     angles = position_ids.float()[..., None] * inv_freq  # [B, N, head_dim/2]
     angles = torch.cat((angles, angles), dim=-1)[:, None]  # [B, 1, N, head_dim]
@@ -45,7 +48,9 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.dropout = dropout
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, key_mask: Tensor | None) -> Tensor:
+    def forward(
+        self, x: Tensor, rope: tuple[Tensor, Tensor] | None, key_mask: Tensor | None
+    ) -> Tensor:
         b, n, d = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if rope is not None:
@@ -71,14 +76,18 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-LN transformer block: ``x + attn(ln(x))``, then ``x + mlp(ln(x))``."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float, eps: float, dropout: float = 0.0) -> None:
+    def __init__(
+        self, dim: int, heads: int, mlp_ratio: float, eps: float, dropout: float = 0.0
+    ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, heads, dropout)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = MLP(dim, int(dim * mlp_ratio), dropout)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, key_mask: Tensor | None) -> Tensor:
+    def forward(
+        self, x: Tensor, rope: tuple[Tensor, Tensor] | None, key_mask: Tensor | None
+    ) -> Tensor:
         x = x + self.attn(self.norm1(x), rope, key_mask)
         return x + self.mlp(self.norm2(x))
 
@@ -90,11 +99,15 @@ class BlockStack(nn.Module):
         self, dim: int, depth: int, heads: int, mlp_ratio: float, eps: float, dropout: float = 0.0
     ) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, eps, dropout) for _ in range(depth))
+        self.blocks = nn.ModuleList(
+            Block(dim, heads, mlp_ratio, eps, dropout) for _ in range(depth)
+        )
         self.norm = nn.LayerNorm(dim, eps=eps)
         self.activation_checkpointing = False
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, key_mask: Tensor | None) -> Tensor:
+    def forward(
+        self, x: Tensor, rope: tuple[Tensor, Tensor] | None, key_mask: Tensor | None
+    ) -> Tensor:
         for block in self.blocks:
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, rope, key_mask, use_reentrant=False)

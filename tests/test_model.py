@@ -1,0 +1,122 @@
+"""Model and objective invariants on real batches (real shards, real tokenizer), no engine."""
+
+from __future__ import annotations
+
+import torch
+
+from lang_jepa.config import load_config
+from lang_jepa.data import build_train_loader, manifest_vocab_size
+from lang_jepa.engine import param_groups
+from lang_jepa.models import pool_by_slot
+from lang_jepa.models.layers import matmul_params
+from lang_jepa.objective import build_models, compute_targets, jepa_loss
+
+
+def setup_batch(tiny_shards, *overrides):
+    cfg = load_config("tiny", [f"data.shards={tiny_shards}", *overrides])
+    vocab = manifest_vocab_size(tiny_shards)
+    torch.manual_seed(0)
+    model, target = build_models(cfg, vocab)
+    batch = next(iter(build_train_loader(cfg, 0, 1)))
+    return cfg, model, target, batch, vocab
+
+
+def test_target_tokens_never_reach_the_context_encoder(tiny_shards):
+    cfg, model, target, batch, vocab = setup_batch(tiny_shards)
+    model.eval()
+    perturbed = dict(batch)
+    ids = batch["input_ids"].clone()
+    rows = torch.arange(ids.shape[0])[:, None].expand_as(batch["tgt_index"])
+    ids[rows[batch["tgt_valid"]], batch["tgt_index"][batch["tgt_valid"]]] = torch.randint(
+        1, vocab, (int(batch["tgt_valid"].sum()),)
+    )
+    perturbed["input_ids"] = ids
+    assert not torch.equal(ids, batch["input_ids"])
+    with torch.no_grad():
+        # the context encoder's outputs and the predictions do not change by a single bit
+        assert torch.equal(model.encode_context(batch), model.encode_context(perturbed))
+        assert torch.equal(model(batch), model(perturbed))
+        # ...while the targets (the full window) do: the perturbation was real
+        t0 = compute_targets(target, batch, None)
+        t1 = compute_targets(target, perturbed, None)
+    assert not torch.equal(t0, t1)
+
+
+def test_predictions_depend_on_the_context(tiny_shards):
+    _, model, _, batch, _ = setup_batch(tiny_shards)
+    shuffled = dict(batch)
+    perm = torch.roll(torch.arange(batch["input_ids"].shape[0]), 1)
+    for key in ("input_ids", "ctx_index", "ctx_valid"):
+        shuffled[key] = batch[key][perm] if key != "input_ids" else batch[key][perm]
+    with torch.no_grad():
+        assert not torch.allclose(model(batch), model(shuffled))
+
+
+def test_targets_are_pooled_per_sentence_and_layer_normed(tiny_shards):
+    _, _, target, batch, _ = setup_batch(tiny_shards)
+    t = compute_targets(target, batch, None)
+    valid = batch["tgt_sent_valid"]
+    assert t.shape[:2] == valid.shape and t.dtype == torch.float32
+    torch.testing.assert_close(t[valid].mean(-1), torch.zeros(int(valid.sum())), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        t[valid].var(-1, unbiased=False), torch.ones(int(valid.sum())), atol=1e-3, rtol=0
+    )
+    # by hand: features of the full window, mean over one target sentence's tokens
+    with torch.no_grad():
+        feats = target(batch["input_ids"], batch["position_ids"], batch["valid"])
+    b = 0
+    idx = batch["tgt_index"][b][batch["tgt_valid"][b] & (batch["tgt_sent"][b] == 0)]
+    pooled = feats[b, idx].mean(0)
+    expected = torch.nn.functional.layer_norm(pooled, pooled.shape)
+    torch.testing.assert_close(t[b, 0], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_pool_by_slot_matches_a_loop():
+    x = torch.randn(2, 7, 3)
+    slot = torch.tensor([[0, 0, 1, 1, 1, 2, 0], [1, 1, 0, 0, 0, 0, 0]])
+    valid = torch.tensor([[1, 1, 1, 1, 1, 1, 0], [1, 1, 1, 0, 0, 0, 0]]).bool()
+    out = pool_by_slot(x, slot, valid, 3)
+    for b in range(2):
+        for s in range(3):
+            sel = (slot[b] == s) & valid[b]
+            want = x[b, sel].mean(0) if sel.any() else torch.zeros(3)
+            torch.testing.assert_close(out[b, s], want)
+
+
+def test_activation_checkpointing_and_positions(tiny_shards):
+    for pos in ("rope", "learned"):
+        cfg, model, target, batch, _ = setup_batch(tiny_shards, f"model.pos={pos}")
+        model.train()
+        loss_a, _ = jepa_loss(
+            model(batch), compute_targets(target, batch, None), batch["tgt_sent_valid"], cfg.loss
+        )
+        loss_a.backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        model.encoder.activation_checkpointing = model.predictor.activation_checkpointing = True
+        loss_b, _ = jepa_loss(
+            model(batch), compute_targets(target, batch, None), batch["tgt_sent_valid"], cfg.loss
+        )
+        loss_b.backward()
+        assert torch.equal(loss_a, loss_b)
+        for g, p in zip(grads, model.parameters(), strict=True):
+            torch.testing.assert_close(g, p.grad, rtol=0, atol=1e-7)
+
+
+def test_flops_count_every_matmul_weight(tiny_shards):
+    _, model, _, _, _ = setup_batch(tiny_shards)
+    for module in (model.encoder, model.predictor):
+        weights = sum(
+            m.weight.numel() for m in module.stack.modules() if isinstance(m, torch.nn.Linear)
+        )
+        assert matmul_params(module.dim, module.depth, module.mlp_ratio) == weights
+
+
+def test_no_weight_decay_on_biases_and_norms(tiny_shards):
+    _, model, _, _, _ = setup_batch(tiny_shards)
+    decay, no_decay = param_groups(model)
+    assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim < 2 for p in no_decay["params"])
+    assert decay["wd_mult"] == 1.0 and no_decay["wd_mult"] == 0.0
+    n = sum(p.numel() for g in (decay, no_decay) for p in g["params"])
+    assert n == sum(p.numel() for p in model.parameters())
+    assert any(p is model.predictor.mask_token for p in no_decay["params"])
