@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -73,7 +74,7 @@ def test_deepspeed_config_is_filled_once(tmp_path):
     assert ds["train_micro_batch_size_per_gpu"] == 3 and ds["train_batch_size"] == 6
     assert ds["gradient_clipping"] == 0.5 and ds["bf16"]["enabled"] is True
     for name in ("zero1", "zero2", "zero3", "zero3_offload"):
-        raw = json.loads(open(f"ds_configs/{name}.json").read())
+        raw = json.loads(Path(f"ds_configs/{name}.json").read_text())
         assert raw["train_micro_batch_size_per_gpu"] == "auto" and "optimizer" not in raw
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"gradient_clipping": 2.0, "zero_optimization": {"stage": 2}}))
