@@ -1,0 +1,570 @@
+"""Training benchmark: tokens/s, step time, MFU/HFU and peak memory of the real train step.
+
+    .venv/bin/python benchmarks/train_bench.py --preset small [--steps N] [--warmup N]
+        [--ds-config ds_configs/zero2.json] [--json FILE] [--shards DIR | --synthetic]
+        [--compile | --no-compile] [--activation-checkpointing | --no-activation-checkpointing]
+        [--precision bf16|fp32] [--plain | --no-plain] [--breakdown] [key.sub=value ...]
+    .venv/bin/python benchmarks/train_bench.py --check-paths --preset base --synthetic --json F
+
+What is timed: ``Trainer.train_step`` (lang_jepa.trainer) on an engine built by the real
+``setup`` (DeepSpeed, our parameter groups and optimizer): the numbered steps 1-5 (target forward,
+context encoder + predictor, loss, backward + engine step, EMA update) and the per-step
+bookkeeping. Batches come from the real loader (masking, collate) and are pre-loaded onto the
+device before timing, so data loading is excluded; they are cycled if fewer than the steps.
+
+On CPU (or with ``--plain``) the same model (same initial weights) is also trained by a plain
+PyTorch loop on the same batches: torch.optim.AdamW on the same parameter groups, gradient
+clipping, the same numbered steps including the target forward and the EMA update. bf16 means the
+DeepSpeed bf16 engine (bf16 weights, fp32 masters) versus ``torch.autocast(bfloat16)`` over fp32
+weights for the plain loop; fp32 is fp32 in both. DeepSpeed and plain steps alternate (ABBA...)
+on identical batches; ``deepspeed_over_plain_ratio`` is the median over adjacent pairs of
+(DeepSpeed step time / plain step time), robust to load drifting on a shared machine.
+
+FLOPs (lang_jepa.metrics.step_flops, valid tokens only): MFU counts context encoder + predictor
+forward and backward plus the target encoder's forward; HFU adds the recomputed forward of
+activation checkpointing. Peak FLOP/s come from lang_jepa.metrics.PEAK_BF16_FLOPS (GPU only).
+Memory (GPU): ``peak_mem_gb`` is torch.cuda.max_memory_allocated over the timed steps;
+``act_mem_gb`` is the peak during forward + backward of one extra step above what was allocated
+before it (activations, recompute buffers and fresh gradients), ``fwd_act_mem_gb`` the same at the
+end of forward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import tempfile
+import time
+import warnings
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+REPO = common.REPO
+DEMO_SHARDS = REPO / "data" / "demo" / "shards"
+Batch = dict[str, Tensor]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--preset", default="small", help="config preset or YAML (default: small)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (CPU 8, GPU 20)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (CPU 2, GPU 5)")
+    p.add_argument("--ds-config", default=str(REPO / "ds_configs" / "zero2.json"))
+    p.add_argument("--json", help="write the figures here")
+    p.add_argument("--shards", help="a shard directory (default: data/demo/shards if built)")
+    p.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="random-token documents with demo-like sentence lengths, real collate",
+    )
+    p.add_argument("--batches", type=int, default=8, help="distinct batches pre-loaded (cycled)")
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="model.compile (default: the preset's)",
+    )
+    p.add_argument(
+        "--activation-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="model.activation_checkpointing (default: the preset's)",
+    )
+    p.add_argument("--precision", choices=("bf16", "fp32"), help="train.precision")
+    p.add_argument(
+        "--plain",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also time a plain PyTorch loop (default: on CPU only)",
+    )
+    p.add_argument(
+        "--breakdown",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="time the phases of each step (default: CPU only; syncs the GPU)",
+    )
+    p.add_argument(
+        "--threads", type=int, help="torch.set_num_threads (CPU; 1 is steadier on a shared machine)"
+    )
+    p.add_argument(
+        "--check-paths",
+        action="store_true",
+        help="check the fast paths (SDPA backend, bf16, optimizer, host syncs)",
+    )
+    p.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
+    return p.parse_args(argv)
+
+
+def config_overrides(args: argparse.Namespace, shards: Path, run_dir: Path) -> list[str]:
+    over = [
+        f"data.shards={shards}", f"train.run_dir={run_dir}", "train.resume=none",
+        "train.save_interval=0", "train.val_interval=0", "log.tensorboard=false",
+        "data.num_workers=0",  # batches are pre-loaded: loading is not what is measured
+    ]  # fmt: skip
+    if args.precision:
+        over.append(f"train.precision={args.precision}")
+    if args.compile is not None:
+        over.append(f"model.compile={str(args.compile).lower()}")
+    if args.activation_checkpointing is not None:
+        over.append(f"model.activation_checkpointing={str(args.activation_checkpointing).lower()}")
+    return over + list(args.overrides)
+
+
+def resolve_shards(args: argparse.Namespace, tmp: Path, tokens_needed: int) -> tuple[Path, str]:
+    if args.shards:
+        return Path(args.shards), f"shards {args.shards}"
+    if not args.synthetic and (DEMO_SHARDS / "manifest.json").is_file():
+        return DEMO_SHARDS, f"shards {DEMO_SHARDS}"
+    shards = common.write_synthetic_shards(tmp / "shards", tokens_needed)
+    return shards, "synthetic (random tokens, demo-like sentence lengths, real masking + collate)"
+
+
+# ---------------------------------------------------------------------------------------------
+# timing
+
+
+class PhaseTimer:
+    """Wall time of named phases within the current step (sums per phase)."""
+
+    def __init__(self, sync: Callable[[], None]) -> None:
+        self.sync = sync
+        self.current: dict[str, float] = defaultdict(float)
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        self.sync()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.sync()
+            self.current[name] += time.perf_counter() - t0
+
+    def wrap(self, fn: Callable[..., Any], name: str) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            with self.phase(name):
+                return fn(*args, **kwargs)
+
+        return timed
+
+    def take(self) -> dict[str, float]:
+        out, self.current = dict(self.current), defaultdict(float)
+        return out
+
+
+def instrument_trainer(trainer: Any, timer: PhaseTimer) -> None:
+    """Time the phases of ``Trainer.train_step`` without changing what it runs."""
+    import lang_jepa.trainer as trainer_mod
+
+    trainer_mod.compute_targets = timer.wrap(trainer_mod.compute_targets, "targets")
+    trainer_mod.jepa_loss = timer.wrap(trainer_mod.jepa_loss, "loss")
+    eng = trainer.eng
+    eng.forward = timer.wrap(eng.forward, "forward")
+    eng.backward = timer.wrap(eng.backward, "backward")
+    eng.step = timer.wrap(eng.step, "step")
+    trainer.update_target = timer.wrap(trainer.update_target, "ema")
+    trainer.agree_on_step = timer.wrap(trainer.agree_on_step, "agree")
+
+
+class PlainLoop:
+    """The same model and numbered steps as ``Trainer.train_step``, without DeepSpeed."""
+
+    def __init__(self, cfg: Any, dev: torch.device, timer: PhaseTimer | None) -> None:
+        from lang_jepa import engine
+        from lang_jepa.objective import build_models
+        from lang_jepa.trainer import seed_everything
+
+        seed_everything(cfg.train.seed)  # the weights setup() gave the DeepSpeed model
+        self.model, self.target = build_models(cfg, cfg.model.vocab_size)
+        self.model.to(dev).train()
+        self.target.to(dev)
+        o = cfg.optim
+        self.opt = torch.optim.AdamW(engine.param_groups(self.model), lr=o.start_lr,
+                                     betas=tuple(o.betas), eps=o.eps, weight_decay=0.0)  # fmt: skip
+        self.cfg, self.dev, self.step = cfg, dev, 0
+        self.autocast = torch.bfloat16 if cfg.train.precision == "bf16" else None
+        self.timer = timer
+        self.loss_sum = torch.zeros((), device=dev)
+
+    def _phase(self, name: str) -> contextlib.AbstractContextManager:
+        return self.timer.phase(name) if self.timer else contextlib.nullcontext()
+
+    def train_step(self, micro_batches: list[Batch]) -> None:
+        from lang_jepa import schedules
+        from lang_jepa.ema import ema_update
+        from lang_jepa.objective import compute_targets, jepa_loss
+
+        cfg, max_steps = self.cfg, self.cfg.train.max_steps
+        lr = schedules.learning_rate(self.step, max_steps, cfg.optim)
+        wd = schedules.weight_decay(self.step, max_steps, cfg.optim)
+        for group in self.opt.param_groups:
+            group["lr"], group["weight_decay"] = lr, wd * group.get("wd_mult", 1.0)
+        scale = 1.0 / len(micro_batches)
+        for batch in micro_batches:
+            with self._phase("targets"):  # 1. targets (EMA encoder, no grad)
+                targets = compute_targets(self.target, batch, self.autocast)
+            with self._phase("forward"):  # 2. context encoder + predictor
+                with torch.autocast(self.dev.type, dtype=self.autocast or torch.float32,
+                                    enabled=self.autocast is not None):  # fmt: skip
+                    preds = self.model(batch)
+            with self._phase("loss"):  # 3. loss
+                loss, _ = jepa_loss(preds, targets, batch["tgt_sent_valid"], cfg.loss)
+            with self._phase("backward"):  # 4. backward
+                (loss * scale).backward()
+            finite = torch.isfinite(loss.detach())
+            self.loss_sum += torch.where(finite, loss.detach(), 0.0)
+        with self._phase("step"):  # 4. clip + optimizer step
+            if cfg.optim.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+        with self._phase("ema"):  # 5. EMA update of the target encoder
+            frags = [[(0, p.detach().reshape(-1))] for p in self.model.encoder.parameters()]
+            momentum = schedules.ema_momentum(self.step, max_steps, cfg.optim)
+            ema_update(list(self.target.parameters()), frags, momentum, None)
+        self.step += 1
+
+
+def make_sync(dev: torch.device) -> Callable[[], None]:
+    if dev.type == "cuda":
+        return lambda: torch.cuda.synchronize(dev)
+    return lambda: None
+
+
+def preload(trainer: Any, n_steps: int) -> list[list[Batch]]:
+    """``n_steps`` steps' micro-batches from the trainer's real loader, on the device."""
+    from lang_jepa.objective import move_batch
+
+    accum = trainer.cfg.train.grad_accum_steps
+    it = iter(trainer.loader)
+    steps = [[move_batch(next(it), trainer.dev) for _ in range(accum)] for _ in range(n_steps)]
+    if hasattr(trainer.loader, "close"):
+        trainer.loader.close()
+    return steps
+
+
+def memory_probe(trainer: Any, micro: list[Batch], acc: Any) -> dict[str, float]:
+    """Activation memory of one extra step (GPU): peaks above what was allocated before it."""
+    dev = trainer.dev
+    torch.cuda.synchronize(dev)
+    base = torch.cuda.memory_allocated(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    seen: dict[str, int] = {}
+    backward = trainer.eng.backward
+
+    def probe_backward(*args: Any, **kwargs: Any) -> Any:
+        seen.setdefault("fwd", torch.cuda.max_memory_allocated(dev))
+        out = backward(*args, **kwargs)
+        seen.setdefault("bwd", torch.cuda.max_memory_allocated(dev))
+        return out
+
+    trainer.eng.backward = probe_backward
+    try:
+        trainer.train_step(micro, acc)
+    finally:
+        trainer.eng.backward = backward
+    torch.cuda.synchronize(dev)
+    gb = 2.0**30
+    return {
+        "fwd_act_mem_gb": (seen["fwd"] - base) / gb,
+        "act_mem_gb": (seen["bwd"] - base) / gb,
+        "state_mem_gb": base / gb,
+    }
+
+
+def run_bench(args: argparse.Namespace, trainer: Any) -> dict[str, Any]:
+    from lang_jepa.metrics import peak_flops, step_flops
+    from lang_jepa.trainer import Accumulators
+
+    dev, cfg = trainer.dev, trainer.cfg
+    on_gpu = dev.type == "cuda"
+    steps = args.steps if args.steps is not None else (20 if on_gpu else 8)
+    warmup = args.warmup if args.warmup is not None else (5 if on_gpu else 2)
+    plain_on = args.plain if args.plain is not None else not on_gpu
+    breakdown = args.breakdown if args.breakdown is not None else not on_gpu
+    sync = make_sync(dev)
+    timer = PhaseTimer(sync) if breakdown else None
+    data = preload(trainer, min(args.batches, steps + warmup))
+    plain = PlainLoop(cfg, dev, timer) if plain_on else None
+    if timer:
+        instrument_trainer(trainer, timer)
+    acc = Accumulators.zeros(dev)
+    runners: list[tuple[str, Callable[[list[Batch]], None]]] = [
+        ("deepspeed", lambda micro: trainer.train_step(micro, acc))
+    ]
+    if plain is not None:
+        runners.append(("plain", plain.train_step))
+    times: dict[str, list[float]] = {name: [] for name, _ in runners}
+    phases: dict[str, list[dict[str, float]]] = {name: [] for name, _ in runners}
+    tokens: list[float] = []
+    flops: list[tuple[float, float]] = []
+    recompute = cfg.model.activation_checkpointing
+    for i in range(warmup + steps):
+        micro = data[i % len(data)]
+        if i == warmup and on_gpu:
+            torch.cuda.reset_peak_memory_stats(dev)
+        for name, fn in runners if i % 2 == 0 else runners[::-1]:  # ABBA: no side always first
+            sync()
+            t0 = time.perf_counter()
+            fn(micro)
+            sync()
+            dt = time.perf_counter() - t0
+            split = timer.take() if timer else {}
+            if i >= warmup:
+                times[name].append(dt)
+                phases[name].append(split)
+        if i >= warmup:
+            tokens.append(sum(float(b["valid"].sum()) for b in micro))
+            mf = [step_flops(trainer.model, b, recompute) for b in micro]
+            flops.append((sum(float(m) for m, _ in mf), sum(float(h) for _, h in mf)))
+    result = summarize(trainer, times, phases, tokens, flops, peak_flops(dev))
+    result.update(steps=steps, warmup=warmup, distinct_batches=len(data))
+    if on_gpu:
+        result["peak_mem_gb"] = torch.cuda.max_memory_allocated(dev) / 2**30
+        result.update(memory_probe(trainer, data[0], acc))
+    return result
+
+
+def summarize(
+    trainer: Any, times: dict[str, list[float]], phases: dict[str, list[dict[str, float]]],
+    tokens: list[float], flops: list[tuple[float, float]], peak: float | None,
+) -> dict[str, Any]:  # fmt: skip
+    ds = times["deepspeed"]
+    total = sum(ds)
+    model_flops, hw_flops = sum(f for f, _ in flops), sum(h for _, h in flops)
+    out: dict[str, Any] = {
+        "tokens_per_s": sum(tokens) / total,
+        "step_ms": 1000 * common.median(ds),
+        "step_ms_all": [round(1000 * t, 2) for t in ds],
+        "tokens_per_step": common.median(tokens),
+        "tflops": model_flops / total / 1e12,
+        "mfu": None if peak is None else model_flops / total / peak,
+        "hfu": None if peak is None else hw_flops / total / peak,
+        "peak_mem_gb": None,
+        "deepspeed_over_plain_ratio": None,
+    }
+    if "plain" in times:
+        plain = times["plain"]
+        out["plain_step_ms"] = 1000 * common.median(plain)
+        out["plain_step_ms_all"] = [round(1000 * t, 2) for t in plain]
+        out["plain_tokens_per_s"] = sum(tokens) / sum(plain)
+        ratios = [a / b for a, b in zip(ds, plain, strict=True)]
+        out["deepspeed_over_plain_ratio"] = common.median(ratios)
+        out["ratio_of_medians"] = common.median(ds) / common.median(plain)
+    breakdown = {}
+    for name, rows in phases.items():
+        if rows and rows[0]:
+            keys = sorted({k for r in rows for k in r})
+            med = {k: 1000 * common.median([r.get(k, 0.0) for r in rows]) for k in keys}
+            med["other"] = 1000 * common.median(times[name]) - sum(med.values())
+            breakdown[name] = {k: round(v, 2) for k, v in med.items()}
+    out["breakdown_ms"] = breakdown or None
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# fast-path checks
+
+
+def sdpa_ops(fn: Callable[[], Any]) -> dict[str, int]:
+    """Which SDPA implementations ``fn`` ran (aten op names -> calls), via the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    counts: Counter[str] = Counter()
+    for evt in prof.events():
+        name = evt.name
+        if name.startswith("aten::_scaled_dot_product") or name.startswith("aten::_flash"):
+            counts[name.removeprefix("aten::")] += 1
+    return dict(counts)
+
+
+def attention_checks(trainer: Any, batch: Batch) -> dict[str, Any]:
+    """The encoder's attention: flash with no mask, which backend with a padding mask, and which
+    backends one real train step used."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    enc, dev = trainer.model.encoder, trainer.dev
+    b, n = 2, min(trainer.cfg.model.seq_len, 256)
+    ids = torch.randint(1000, 2000, (b, n), device=dev)
+    pos = torch.arange(n, device=dev).expand(b, n)
+    padded = torch.ones(b, n, dtype=torch.bool, device=dev)
+    padded[1, n // 2 :] = False
+    out: dict[str, Any] = {}
+
+    def forward(valid: Tensor | None, backend: SDPBackend | None = None) -> None:
+        with torch.no_grad(), sdpa_kernel(backend) if backend else contextlib.nullcontext():
+            enc(ids, pos, valid)
+
+    for label, valid in (("no_mask", None), ("padding_mask", padded)):
+        try:
+            forward(valid, SDPBackend.FLASH_ATTENTION)
+            out[f"flash_forced_{label}"] = "ok"
+        except RuntimeError as err:
+            out[f"flash_forced_{label}"] = f"refused: {str(err).splitlines()[0][:160]}"
+        out[f"default_{label}"] = sdpa_ops(lambda v=valid: forward(v))
+    from lang_jepa.trainer import Accumulators
+
+    acc = Accumulators.zeros(dev)
+    out["train_step"] = sdpa_ops(lambda: trainer.train_step([batch], acc))
+    return out
+
+
+def count_host_syncs(trainer: Any, batch: Batch) -> dict[str, Any] | None:
+    """Host-device synchronisations in one train step (CUDA sync debug mode), by source line."""
+    if trainer.dev.type != "cuda":
+        return None
+    from lang_jepa.trainer import Accumulators
+
+    acc = Accumulators.zeros(trainer.dev)
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            trainer.train_step([batch], acc)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    where = Counter(
+        f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)
+    )
+    return {"count": sum(where.values()), "by_line": dict(where.most_common())}
+
+
+def check_paths(args: argparse.Namespace, trainer: Any) -> dict[str, Any]:
+    from lang_jepa.trainer import Accumulators
+
+    eng, dev = trainer.eng, trainer.dev
+    param = next(trainer.model.parameters())
+    basic = type(eng.basic_optimizer)
+    on_gpu = dev.type == "cuda"
+    batch = preload(trainer, 2)
+    trainer.train_step(batch[0], Accumulators.zeros(dev))  # warm up (lazy initialisations)
+    attn = attention_checks(trainer, batch[1][0])
+    syncs = count_host_syncs(trainer, batch[1][0])
+    result = {
+        "bf16_engine": bool(eng.bfloat16_enabled()),
+        "param_dtype": str(param.dtype).removeprefix("torch."),
+        "optimizer": f"{basic.__module__}.{basic.__name__}",
+        "optimizer_wrapper": type(eng.optimizer).__name__,
+        "zero_stage": eng.zero_optimization_stage(),
+        "fused_adam": basic.__name__ == "FusedAdam",
+        "attention": attn,
+        "host_syncs_per_step": syncs,
+    }
+    result["ok"] = {
+        "flash_sdpa_no_mask": attn["flash_forced_no_mask"] == "ok",
+        "bf16_engine": result["bf16_engine"] and result["param_dtype"] == "bfloat16",
+        "fused_adam": result["fused_adam"] if on_gpu else None,
+    }
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def print_report(result: dict[str, Any]) -> None:
+    s = result["settings"]
+    rows = [
+        ("device", result["device"]),
+        ("preset", f"{s['preset']} (seq {s['seq_len']}, micro-batch {s['micro_batch']}, "
+                   f"accum {s['grad_accum']}, {s['params_m']:.1f}M trainable)"),
+        ("engine", f"{Path(s['ds_config']).name} (ZeRO-{s['zero_stage']}), {s['precision']}, "
+                   f"compile={s['compile']}, act.ckpt={s['activation_checkpointing']}"),
+        ("data", s["data"]),
+    ]  # fmt: skip
+    if "tokens_per_s" in result:
+        rows += [
+            ("tokens/s", common.fmt(result["tokens_per_s"], ",.0f")),
+            ("step ms (median)", common.fmt(result["step_ms"], ".1f")),
+            ("TFLOP/s", common.fmt(result["tflops"], ".3g")),
+            (
+                "MFU / HFU",
+                f"{common.fmt(result['mfu'], '.1%')} / {common.fmt(result['hfu'], '.1%')}",
+            ),
+            ("peak memory GB", common.fmt(result["peak_mem_gb"], ".2f")),
+            ("activation memory GB", common.fmt(result.get("act_mem_gb"), ".2f")),
+        ]
+        if result["deepspeed_over_plain_ratio"] is not None:
+            rows += [
+                ("plain step ms (median)", common.fmt(result["plain_step_ms"], ".1f")),
+                ("deepspeed / plain", common.fmt(result["deepspeed_over_plain_ratio"], ".3f")
+                 + f" (ratio of medians {result['ratio_of_medians']:.3f})"),
+            ]  # fmt: skip
+        for name, parts in (result.get("breakdown_ms") or {}).items():
+            rows.append((f"{name} phases ms", ", ".join(f"{k} {v:.1f}" for k, v in parts.items())))
+    if "checks" in result:
+        c = result["checks"]
+        rows += [(f"check {k}", v) for k, v in c["ok"].items()]
+        rows += [("optimizer", f"{c['optimizer']} in {c['optimizer_wrapper']}")]
+        rows += [(f"sdpa {k}", v) for k, v in c["attention"].items()]
+        rows += [("host syncs / step", c["host_syncs_per_step"])]
+    print(common.table(rows, "train_bench"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from lang_jepa.config import load_config
+    from lang_jepa.trainer import setup
+
+    with tempfile.TemporaryDirectory(prefix="train_bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        probe = load_config(args.preset, [o for o in args.overrides])
+        need = probe.model.seq_len * probe.data.micro_batch_size * args.batches * 2
+        shards, source = resolve_shards(args, tmp, need)
+        cfg = load_config(args.preset, config_overrides(args, shards, tmp / "run"))
+        trainer = setup(cfg, args.ds_config)
+        dev = trainer.dev
+        settings = {
+            "preset": args.preset, "ds_config": args.ds_config,
+            "zero_stage": trainer.eng.zero_optimization_stage(),
+            "precision": cfg.train.precision, "compile": cfg.model.compile,
+            "activation_checkpointing": cfg.model.activation_checkpointing,
+            "seq_len": cfg.model.seq_len, "micro_batch": cfg.data.micro_batch_size,
+            "grad_accum": cfg.train.grad_accum_steps, "world_size": trainer.world,
+            "params_m": sum(p.numel() for p in trainer.model.parameters()) / 1e6,
+            "threads": torch.get_num_threads(), "data": source,
+        }  # fmt: skip
+        result: dict[str, Any] = {
+            "benchmark": "train_bench",
+            "device": common.device_name(dev),
+            "device_type": dev.type,
+            "settings": settings,
+            "versions": {"torch": torch.__version__, "deepspeed": _version("deepspeed")},
+        }
+        if args.check_paths:
+            result["checks"] = check_paths(args, trainer)
+        else:
+            result.update(run_bench(args, trainer))
+    print_report(result)
+    if args.json:
+        common.write_json(args.json, result)
+    return 0
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
