@@ -283,6 +283,23 @@ class Trainer:
         }
         return scalars
 
+    def quick_eval(self, val_loader: Any) -> dict[str, float]:
+        """The cheap subset of the eval suite on ``eval.batches`` validation batches -> eval/*.
+
+        Every rank runs it (under ZeRO-3 a forward pass is a collective); rank 0 logs its own.
+        """
+        if self.target is None:  # MLM control: the predictor metrics do not apply
+            return {}
+        from .eval.predictor import quick_eval
+
+        batches = [
+            move_batch(b, self.dev) for b, _ in zip(val_loader, range(self.cfg.eval.batches))
+        ]
+        out = quick_eval(
+            self.model, self.target, batches, self.cfg.loss, self.autocast, seed=self.cfg.train.seed
+        )
+        return {f"eval/{k}": float(v) for k, v in out.items()}
+
     def watch_collapse(self, scalars: dict[str, float | None]) -> None:
         """Feed the collapse alarm; a trip on any rank is agreed by all (one all-reduce)."""
         tripped = self.alarm.check(scalars["repr/effective_rank"], scalars["repr/target_std"])
@@ -435,7 +452,8 @@ def run(trainer: Trainer) -> int:
     (a checkpoint of the agreed step has been written)."""
     cfg, t = trainer.cfg, trainer.cfg.train
     trainer.stop.install()
-    val_loader = build_val_loader(cfg, trainer.rank, trainer.world) if t.val_interval > 0 else None
+    need_val = t.val_interval > 0 or cfg.eval.interval > 0
+    val_loader = build_val_loader(cfg, trainer.rank, trainer.world) if need_val else None
     batches = iter(trainer.loader)
     acc = Accumulators.zeros(trainer.dev)
     while trainer.step < t.max_steps:
@@ -443,13 +461,15 @@ def run(trainer: Trainer) -> int:
         for b in micro:
             acc.model_flops = acc.model_flops + trainer.batch_flops(b)
         last = trainer.train_step(micro, acc)
-        if trainer.step % t.log_interval == 0 or trainer.step == t.max_steps:
+        step, last_step = trainer.step, trainer.step == t.max_steps
+        eval_now = cfg.eval.interval > 0 and (step % cfg.eval.interval == 0 or last_step)
+        if step % t.log_interval == 0 or last_step or eval_now:
             scalars = trainer.log_step(acc, last)
             trainer.watch_collapse(scalars)
-            if val_loader is not None and (
-                trainer.step % t.val_interval == 0 or trainer.step == t.max_steps
-            ):
+            if t.val_interval > 0 and (step % t.val_interval == 0 or last_step):
                 scalars["val/loss"] = trainer.validate(val_loader)
+            if eval_now:
+                scalars.update(trainer.quick_eval(val_loader))
             _report(trainer, scalars)
             acc = Accumulators.zeros(trainer.dev)
         if trainer.stop_agreed:

@@ -53,7 +53,7 @@ def read_scalars(tb_dir: Path) -> dict[str, list[float]]:
 
 def test_python_single_process_writes_run_dir_and_tensorboard(tmp_path, tiny_shards):
     run_dir = tmp_path / "run"
-    proc = train([sys.executable], run_dir, tiny_shards, "train.max_steps=10")
+    proc = train([sys.executable], run_dir, tiny_shards, "train.max_steps=10", "eval.interval=5")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "step 10/10" in proc.stdout and "tok/s" in proc.stdout
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
@@ -66,6 +66,9 @@ def test_python_single_process_writes_run_dir_and_tensorboard(tmp_path, tiny_sha
     missing = [s for s in SCALARS if s not in scalars]
     assert not missing, f"missing TensorBoard scalars: {missing}"
     assert all(v > 0 for v in scalars["perf/tokens_per_s"])
+    evals = [s for s in scalars if s.startswith("eval/")]
+    assert "eval/retrieval_top1" in evals and "eval/shuffled_loss_ratio" in evals
+    assert len(scalars["eval/retrieval_top1"]) == 2  # steps 5 and 10
 
 
 @pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
