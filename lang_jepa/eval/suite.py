@@ -42,7 +42,9 @@ BASELINES = ("random", "tfidf", "minilm")
 QUICK_RT_LIMIT = 2000
 
 
-def _model_embedders(path: Path, quick: bool) -> tuple[list[Embedder], dict[str, Any], LoadedRun | None]:
+def _model_embedders(
+    path: Path, quick: bool
+) -> tuple[list[Embedder], dict[str, Any], LoadedRun | None]:
     """The evaluated encoders of a run (target, and online unless quick) or of an export dir,
     plus a source description and the loaded run (None for an export)."""
     if is_run_dir(path):
@@ -50,14 +52,18 @@ def _model_embedders(path: Path, quick: bool) -> tuple[list[Embedder], dict[str,
         main = run.target if run.target is not None else run.online
         embs: list[Embedder] = [EncoderEmbedder(make_encoder(main, run.tokenizer_dir), "model")]
         if run.target is not None and run.online is not None and not quick:
-            embs.append(EncoderEmbedder(make_encoder(run.online, run.tokenizer_dir), "model_online"))
+            embs.append(
+                EncoderEmbedder(make_encoder(run.online, run.tokenizer_dir), "model_online")
+            )
         source = {"kind": "run", "path": str(path.resolve()), "tag": run.tag, "step": run.step,
                   "objective": run.objective,
                   "model": "target (EMA) encoder" if run.target is not None else "online encoder",
                   "model_online": "online (context) encoder"}  # fmt: skip
         return embs, source, run
     if not (path / CONFIG_NAME).is_file():
-        raise FileNotFoundError(f"{path}: neither a run directory (config.yaml + checkpoints/) nor an export ({CONFIG_NAME})")
+        raise FileNotFoundError(
+            f"{path}: neither a run directory (config.yaml + checkpoints/) nor an export ({CONFIG_NAME})"
+        )
     enc = Encoder.from_pretrained(path, device="cpu")
     source = {"kind": "export", "path": str(path.resolve()), **enc.config.get("source", {}),
               "model": f"exported {enc.config.get('which', '?')} encoder"}  # fmt: skip
@@ -89,7 +95,10 @@ def encoder_tasks(embedders: list[Embedder], rt: tuple[list[str], np.ndarray] | 
         row = {"lee_spearman": lee_similarity(emb)["spearman"]}
         if rt is not None:
             probe = sentiment_probe(emb, *rt)
-            row["rt_accuracy"], row["rt_train_accuracy"] = probe["accuracy"], probe["train_accuracy"]
+            row["rt_accuracy"], row["rt_train_accuracy"] = (
+                probe["accuracy"],
+                probe["train_accuracy"],
+            )
         row.update(encoder_health(emb))
         out[emb.name] = row
         seconds[emb.name] = time.perf_counter() - start
@@ -98,7 +107,11 @@ def encoder_tasks(embedders: list[Embedder], rt: tuple[list[str], np.ndarray] | 
 
 
 def _short(row: dict[str, float]) -> str:
-    return ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k in ("lee_spearman", "rt_accuracy", "effective_rank"))
+    return ", ".join(
+        f"{k} {v:.3f}"
+        for k, v in row.items()
+        if k in ("lee_spearman", "rt_accuracy", "effective_rank")
+    )
 
 
 def evaluate(path: str | Path, baselines: list[str] | tuple[str, ...] = BASELINES, max_val_batches: int = 16,

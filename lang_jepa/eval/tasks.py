@@ -86,18 +86,21 @@ class MiniLMEmbedder:
         self.model = SentenceTransformer(str(path), device="cpu")
 
     def documents(self, texts: list[str]) -> np.ndarray:
-        return self.model.encode(list(texts), batch_size=64, convert_to_numpy=True)
+        return self.model.encode(
+            list(texts), batch_size=64, convert_to_numpy=True, show_progress_bar=False
+        )
 
     sentences = documents
 
 
 def lee_corpus() -> tuple[list[str], np.ndarray]:
     """(50 documents, human similarity matrix [50, 50]) from gensim's test data."""
-    from gensim.test.utils import datapath
+    import gensim  # the files only: gensim.test.utils would build demo corpora at import
 
-    docs = Path(datapath("lee.cor")).read_text(encoding="latin-1").splitlines()
+    data = Path(gensim.__file__).parent / "test" / "test_data"
+    docs = (data / "lee.cor").read_text(encoding="latin-1").splitlines()
     docs = [d.strip() for d in docs if d.strip()]
-    sims = np.loadtxt(datapath("similarities0-1.txt"))
+    sims = np.loadtxt(data / "similarities0-1.txt")
     if len(docs) != 50 or sims.shape != (50, 50):
         raise ValueError(
             f"Lee corpus: expected 50 documents and a 50x50 matrix, got {len(docs)}, {sims.shape}"
