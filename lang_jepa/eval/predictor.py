@@ -39,7 +39,7 @@ from lang_jepa.data.masking import collate, mask_window
 from lang_jepa.data.reader import document_windows
 from lang_jepa.data.windows import WindowCounters
 from lang_jepa.models import TextEncoder, pool_by_slot
-from lang_jepa.objective import JEPA, compute_targets, effective_rank, gather_tokens, jepa_loss
+from lang_jepa.objective import JEPA, effective_rank, gather_tokens, jepa_loss
 
 from .metrics import RetrievalResult, cosine_scores, health, retrieval_from_scores
 
@@ -115,14 +115,25 @@ def predict_from_context(model: JEPA, batch: Batch, ctx_ids: Tensor, ctx_pos: Te
     )  # fmt: skip
 
 
-def window_sentences(target: TextEncoder, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
-    """Target embeddings of every sentence of each window (layer-normed, as targets are).
+def pooled_targets(feats: Tensor, batch: Batch) -> Tensor:
+    """Targets [B, S, D] from the target encoder's window features [B, L, D]: exactly
+    :func:`lang_jepa.objective.compute_targets` (a test checks it), sharing one forward pass."""
+    tokens = gather_tokens(feats.float(), batch["tgt_index"])
+    pooled = pool_by_slot(
+        tokens, batch["tgt_sent"], batch["tgt_valid"], batch["tgt_sent_valid"].shape[1]
+    )
+    return F.layer_norm(pooled, (pooled.shape[-1],))
+
+
+def window_sentences(feats: Tensor, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+    """Target embeddings of every sentence of each window (layer-normed, as targets are) from
+    the target encoder's window features [B, L, D].
 
     Returns (sent_emb [B, N, D], sent_valid [B, N], slot_sentence [B, S]: the window sentence of
     each target slot, -1 for padding slots). Needs ``batch["sent_id"]``."""
     sid = batch["sent_id"]
     n = int(sid.max()) + 1
-    feats = target(batch["input_ids"], batch["position_ids"], batch["valid"]).float()
+    feats = feats.float()
     valid = batch["valid"] & (sid >= 0)
     emb = F.layer_norm(pool_by_slot(feats, sid.clamp(min=0), valid, n), (feats.shape[-1],))
     sent_valid = (sid[..., None] == torch.arange(n, device=sid.device)).any(1)  # [B, N]
@@ -151,7 +162,7 @@ def _copy_neighbour(emb: Tensor, sent_valid: Tensor, slot_sentence: Tensor) -> T
 
 
 def _copy_context(
-    target: TextEncoder, batch: Batch, sents: tuple[Tensor, Tensor, Tensor] | None
+    feats: Tensor, batch: Batch, sents: tuple[Tensor, Tensor, Tensor] | None
 ) -> Tensor:
     """[B, D]: layer-normed mean of the visible sentences' target embeddings (with sentence ids),
     else of the target encoder's features over the context tokens."""
@@ -163,8 +174,7 @@ def _copy_context(
         w = visible.float()
         mean = (emb * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp(min=1)
     else:
-        feats = target(batch["input_ids"], batch["position_ids"], batch["valid"]).float()
-        ctx = gather_tokens(feats, batch["ctx_index"])
+        ctx = gather_tokens(feats.float(), batch["ctx_index"])
         w = batch["ctx_valid"].float()
         mean = (ctx * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp(min=1)
     return F.layer_norm(mean, (mean.shape[-1],))
@@ -176,15 +186,16 @@ def batch_predictions(model: JEPA, target: TextEncoder, batch: Batch, shuffled_c
     """Targets [B, S, D], each method's predictions [B, S, D] and (with ``sent_id``) the window
     sentences, for one batch."""
     device_type = batch["input_ids"].device.type
-    targets = compute_targets(target, batch, autocast)
     slot_valid = batch["tgt_sent_valid"]
     with torch.autocast(device_type, dtype=autocast or torch.float32, enabled=autocast is not None):
+        feats = target(batch["input_ids"], batch["position_ids"], batch["valid"]).float()
         preds = {
             "model": model(batch).float(),
             "shuffled": predict_from_context(model, batch, **shuffled_ctx).float(),
         }
-        sents = window_sentences(target, batch) if "sent_id" in batch else None
-        copy_ctx = _copy_context(target, batch, sents).float()
+    targets = pooled_targets(feats, batch)  # one target forward serves every use below
+    sents = window_sentences(feats, batch) if "sent_id" in batch else None
+    copy_ctx = _copy_context(feats, batch, sents)
     preds["copy_context"] = copy_ctx[:, None, :].expand_as(targets)
     preds["batch_mean"] = targets[slot_valid].mean(0).expand_as(targets)
     preds = {k: v.float().cpu() for k, v in preds.items()}  # metrics run on the CPU
