@@ -28,7 +28,7 @@ from lang_jepa.objective import compute_targets, gather_tokens
 from lang_jepa.report import read_jsonl, report
 
 REPO = Path(__file__).resolve().parent.parent
-STEPS = 10
+STEPS = 6
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory, tiny_shards: Path) -> Path
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="2", TOKENIZERS_PARALLELISM="false")
     cmd = [sys.executable, "train.py", "--config", "tiny", f"data.shards={tiny_shards}",
            f"train.run_dir={run}", f"train.max_steps={STEPS}", "model.seq_len=128",
-           "train.log_interval=5", "train.val_interval=5", f"train.save_interval={STEPS}"]  # fmt: skip
+           "train.log_interval=2", "train.val_interval=3", f"train.save_interval={STEPS}"]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return run
@@ -113,11 +113,11 @@ def test_quick_eval_on_the_trainers_val_batches_is_fast_and_finite(loaded) -> No
 
 def test_cli_writes_json_markdown_and_plots(run_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "eval"
-    argv = [str(run_dir), "--out", str(out), "--baselines", "random,tfidf", "--max-val-batches", "6",
-            "--rt-limit", "400"]  # fmt: skip
+    argv = [str(run_dir), "--out", str(out), "--baselines", "tfidf", "--max-val-batches", "6",
+            "--rt-limit", "200"]  # fmt: skip
     assert eval_main(argv) == 0
     res = json.loads((out / "eval.json").read_text())
-    assert set(res["encoders"]) == {"model", "model_online", "random", "tfidf"}
+    assert set(res["encoders"]) == {"model", "model_online", "tfidf"}
     assert res["source"]["step"] == STEPS and res["source"]["objective"] == "jepa"
     assert set(res["predictor"]["methods"]) == {
         "model",

@@ -49,10 +49,10 @@ class EncoderEmbedder:
         self.encoder, self.name = encoder, name
 
     def documents(self, texts: list[str]) -> np.ndarray:
-        return self.encoder.encode(texts, level="document", as_numpy=True)
+        return self.encoder.encode(texts, level="document", batch_size=128, as_numpy=True)
 
     def sentences(self, texts: list[str]) -> np.ndarray:
-        return self.encoder.encode(texts, level="sentence", as_numpy=True)
+        return self.encoder.encode(texts, level="sentence", batch_size=128, as_numpy=True)
 
 
 class TfidfEmbedder:
