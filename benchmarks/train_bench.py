@@ -94,12 +94,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="time the phases of each step (default: CPU only; syncs the GPU)",
     )
     p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="K",
+        help="after timing, profile one step of each loop and print the top K ops",
+    )
+    p.add_argument(
         "--threads", type=int, help="torch.set_num_threads (CPU; 1 is steadier on a shared machine)"
     )
     p.add_argument(
         "--check-paths",
         action="store_true",
         help="check the fast paths (SDPA backend, bf16, optimizer, host syncs)",
+    )
+    p.add_argument(
+        "--vs",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="also build a second engine with this override (repeatable) and time it "
+        "against the first, interleaved: vs_over_base_ratio (e.g. model.compile=true)",
     )
     p.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
     return p.parse_args(argv)
@@ -213,10 +228,13 @@ class PlainLoop:
         for batch in micro_batches:
             with self._phase("targets"):  # 1. targets (EMA encoder, no grad)
                 targets = compute_targets(self.target, batch, self.autocast)
-            with self._phase("forward"):  # 2. context encoder + predictor
-                with torch.autocast(self.dev.type, dtype=self.autocast or torch.float32,
-                                    enabled=self.autocast is not None):  # fmt: skip
-                    preds = self.model(batch)
+            autocast = torch.autocast(
+                self.dev.type,
+                dtype=self.autocast or torch.float32,
+                enabled=self.autocast is not None,
+            )
+            with self._phase("forward"), autocast:  # 2. context encoder + predictor
+                preds = self.model(batch)
             with self._phase("loss"):  # 3. loss
                 loss, _ = jepa_loss(preds, targets, batch["tgt_sent_valid"], cfg.loss)
             with self._phase("backward"):  # 4. backward
@@ -282,16 +300,17 @@ def memory_probe(trainer: Any, micro: list[Batch], acc: Any) -> dict[str, float]
     }
 
 
-def run_bench(args: argparse.Namespace, trainer: Any) -> dict[str, Any]:
+def run_bench(args: argparse.Namespace, trainer: Any, other: Any = None) -> dict[str, Any]:
+    """Time ``trainer`` (and the plain loop, or a second trainer ``other``) on the same batches."""
     from lang_jepa.metrics import peak_flops, step_flops
     from lang_jepa.trainer import Accumulators
 
     dev, cfg = trainer.dev, trainer.cfg
     on_gpu = dev.type == "cuda"
-    steps = args.steps if args.steps is not None else (20 if on_gpu else 8)
-    warmup = args.warmup if args.warmup is not None else (5 if on_gpu else 2)
-    plain_on = args.plain if args.plain is not None else not on_gpu
-    breakdown = args.breakdown if args.breakdown is not None else not on_gpu
+    steps = args.steps if args.steps is not None else (20 if on_gpu else 6)
+    warmup = args.warmup if args.warmup is not None else (5 if on_gpu else 1)
+    plain_on = other is None and (args.plain if args.plain is not None else not on_gpu)
+    breakdown = other is None and (args.breakdown if args.breakdown is not None else not on_gpu)
     sync = make_sync(dev)
     timer = PhaseTimer(sync) if breakdown else None
     data = preload(trainer, min(args.batches, steps + warmup))
@@ -304,6 +323,9 @@ def run_bench(args: argparse.Namespace, trainer: Any) -> dict[str, Any]:
     ]
     if plain is not None:
         runners.append(("plain", plain.train_step))
+    if other is not None:
+        acc_vs = Accumulators.zeros(dev)
+        runners.append(("vs", lambda micro: other.train_step(micro, acc_vs)))
     times: dict[str, list[float]] = {name: [] for name, _ in runners}
     phases: dict[str, list[dict[str, float]]] = {name: [] for name, _ in runners}
     tokens: list[float] = []
@@ -328,6 +350,8 @@ def run_bench(args: argparse.Namespace, trainer: Any) -> dict[str, Any]:
             mf = [step_flops(trainer.model, b, recompute) for b in micro]
             flops.append((sum(float(m) for m, _ in mf), sum(float(h) for _, h in mf)))
     result = summarize(trainer, times, phases, tokens, flops, peak_flops(dev))
+    if args.profile:
+        result["profile"] = {name: profile_step(fn, data[0], args.profile) for name, fn in runners}
     result.update(steps=steps, warmup=warmup, distinct_batches=len(data))
     if on_gpu:
         result["peak_mem_gb"] = torch.cuda.max_memory_allocated(dev) / 2**30
@@ -361,15 +385,40 @@ def summarize(
         ratios = [a / b for a, b in zip(ds, plain, strict=True)]
         out["deepspeed_over_plain_ratio"] = common.median(ratios)
         out["ratio_of_medians"] = common.median(ds) / common.median(plain)
+    if "vs" in times:
+        vs = times["vs"]
+        out["vs_step_ms"] = 1000 * common.median(vs)
+        out["vs_step_ms_all"] = [round(1000 * t, 2) for t in vs]
+        out["vs_over_base_ratio"] = common.median([b / a for a, b in zip(ds, vs, strict=True)])
     breakdown = {}
     for name, rows in phases.items():
         if rows and rows[0]:
             keys = sorted({k for r in rows for k in r})
             med = {k: 1000 * common.median([r.get(k, 0.0) for r in rows]) for k in keys}
-            med["other"] = 1000 * common.median(times[name]) - sum(med.values())
+            other = [t - sum(r.values()) for t, r in zip(times[name], rows, strict=True)]
+            med["other"] = 1000 * common.median(other)  # per step, then the median
             breakdown[name] = {k: round(v, 2) for k, v in med.items()}
     out["breakdown_ms"] = breakdown or None
     return out
+
+
+def profile_step(fn: Callable[[list[Batch]], None], micro: list[Batch], top: int) -> list[dict]:
+    """The ``top`` ops of one step by self CPU time (printed, and returned for the JSON)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        fn(micro)
+    averages = prof.key_averages()
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=top))
+    rows = sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    return [
+        {"op": e.key, "calls": e.count, "self_cpu_ms": e.self_cpu_time_total / 1000,
+         "cpu_total_ms": e.cpu_time_total / 1000}
+        for e in rows
+    ]  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -502,6 +551,11 @@ def print_report(result: dict[str, Any]) -> None:
                 ("deepspeed / plain", common.fmt(result["deepspeed_over_plain_ratio"], ".3f")
                  + f" (ratio of medians {result['ratio_of_medians']:.3f})"),
             ]  # fmt: skip
+        if "vs_over_base_ratio" in result:
+            rows += [
+                (f"vs {' '.join(s['vs'])} step ms", common.fmt(result["vs_step_ms"], ".1f")),
+                ("vs / base", common.fmt(result["vs_over_base_ratio"], ".3f")),
+            ]
         for name, parts in (result.get("breakdown_ms") or {}).items():
             rows.append((f"{name} phases ms", ", ".join(f"{k} {v:.1f}" for k, v in parts.items())))
     if "checks" in result:
@@ -527,7 +581,8 @@ def main(argv: list[str] | None = None) -> int:
         probe = load_config(args.preset, [o for o in args.overrides])
         need = probe.model.seq_len * probe.data.micro_batch_size * args.batches * 2
         shards, source = resolve_shards(args, tmp, need)
-        cfg = load_config(args.preset, config_overrides(args, shards, tmp / "run"))
+        overrides = config_overrides(args, shards, tmp / "run")
+        cfg = load_config(args.preset, overrides)
         trainer = setup(cfg, args.ds_config)
         dev = trainer.dev
         settings = {
@@ -549,6 +604,10 @@ def main(argv: list[str] | None = None) -> int:
         }
         if args.check_paths:
             result["checks"] = check_paths(args, trainer)
+        elif args.vs:
+            other = setup(load_config(args.preset, overrides + args.vs), args.ds_config)
+            result["settings"]["vs"] = args.vs
+            result.update(run_bench(args, trainer, other))
         else:
             result.update(run_bench(args, trainer))
     print_report(result)
