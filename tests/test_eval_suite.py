@@ -32,17 +32,32 @@ STEPS = 6
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory, tiny_shards: Path) -> Path:
-    """A real tiny JEPA run (seq_len 128 so the 2 val documents give several batches)."""
-    run = tmp_path_factory.mktemp("eval_run") / "run"
+def runs(tmp_path_factory: pytest.TempPathFactory, tiny_shards: Path) -> dict[str, Path]:
+    """Real tiny runs trained side by side: JEPA (seq_len 128 so the 2 val documents give several
+    batches) and the MLM control (2 steps)."""
+    root = tmp_path_factory.mktemp("eval_runs")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="2", TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, "train.py", "--config", "tiny", f"data.shards={tiny_shards}",
-           f"train.run_dir={run}", f"train.max_steps={STEPS}", "model.seq_len=128",
-           "train.log_interval=2", "train.val_interval=3", f"train.save_interval={STEPS}"]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return run
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    common = [sys.executable, "train.py", "--config", "tiny", f"data.shards={tiny_shards}"]
+    extra = {
+        "jepa": [f"train.max_steps={STEPS}", "model.seq_len=128", "train.log_interval=2",
+                 "train.val_interval=3", f"train.save_interval={STEPS}"],
+        "mlm": ["objective=mlm", "train.max_steps=2", "train.save_interval=2", "train.val_interval=0"],
+    }  # fmt: skip
+    procs = {
+        name: subprocess.Popen([*common, f"train.run_dir={root / name}", *args], cwd=REPO, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for name, args in extra.items()
+    }  # fmt: skip
+    for name, proc in procs.items():
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, f"{name} run failed:\n{out[-3000:]}"
+    return {name: root / name for name in extra}
+
+
+@pytest.fixture(scope="module")
+def run_dir(runs: dict[str, Path]) -> Path:
+    return runs["jepa"]
 
 
 @pytest.fixture(scope="module")
@@ -172,3 +187,10 @@ def test_report_draws_pngs_and_html_and_keeps_the_last_record_of_a_step(
     series = read_jsonl(log)
     assert series["train/loss"] == [(1, 2.0), (2, 1.2)]
     assert series["eval/retrieval_top1"] == [(2, 0.3)]
+
+
+def test_an_mlm_run_gets_the_encoder_metrics_only(runs: dict[str, Path], tmp_path: Path) -> None:
+    res = evaluate(runs["mlm"], baselines=[], data_dir=tmp_path / "no_data")
+    assert res["source"]["objective"] == "mlm" and res["source"]["model"] == "online encoder"
+    assert res["predictor"] is None and "mlm" in res["skipped"]["predictor"]
+    assert set(res["encoders"]) == {"model"} and res["encoders"]["model"]["effective_rank"] > 1.0

@@ -90,8 +90,8 @@ def markdown(results: dict[str, Any]) -> str:
             _fmt(ch.get("within_doc_chance_mrr")),
         ]
         lines.append("| *chance* | " + " | ".join(chance_row) + " |")
-        lines += ["", f"Candidates: {_fmt(ch['n_candidates'])} per query on average (the batch's "
-                  f"masked sentences + distractors); in-doc: {_fmt(ch.get('within_doc_n_candidates'))} "
+        lines += ["", f"Candidates: {ch['n_candidates']:.1f} per query on average (the batch's "
+                  f"masked sentences + distractors); in-doc: {ch.get('within_doc_n_candidates', math.nan):.1f} "
                   "(every sentence of the same window).", "",
                   f"**{predictor_verdict(pred)}**", ""]  # fmt: skip
         ht, hp = pred["health"]["targets"], pred["health"]["predictions"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import bz2
 import csv
+import functools
 import io
 from pathlib import Path
 from typing import Protocol
@@ -143,6 +144,18 @@ def rotten_tomatoes(
         keep = np.sort(keep)
         texts, labels = [texts[i] for i in keep], labels[keep]
     return texts, labels
+
+
+@functools.lru_cache(maxsize=2)
+def _read_rt(path: str, mtime_ns: int) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """The fresh / rotten rows of the csv (cached per file version: decompressing takes seconds)."""
+    rows = csv.DictReader(io.StringIO(bz2.decompress(Path(path).read_bytes()).decode("utf-8")))
+    pairs = [
+        (r["text"], int(r["category"] == "fresh"))
+        for r in rows
+        if r["category"] in ("fresh", "rotten")
+    ]
+    return tuple(t for t, _ in pairs), tuple(y for _, y in pairs)
 
 
 def sentiment_probe(
