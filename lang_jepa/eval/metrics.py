@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lang_jepa.objective import effective_rank
+from lang_jepa.objective import effective_rank as _rankme
 
 __all__ = [
     "RetrievalResult",
@@ -166,6 +166,15 @@ def probe_accuracy(features: np.ndarray, labels: np.ndarray, seed: int = 0, test
     }
 
 
+def effective_rank(z: Tensor) -> float:
+    """RankMe of z [N, D] (:func:`lang_jepa.objective.effective_rank`). A wide matrix (N < D) is
+    transposed first: same singular values, and torch's CPU SVD of a wide matrix is ~50x slower."""
+    z = z.float()
+    if z.shape[0] < 2:
+        return math.nan
+    return _rankme(z.T if z.shape[0] < z.shape[1] else z)
+
+
 def per_dim_std(z: Tensor) -> float:
     """Mean over dimensions of the per-dimension std of z [N, D] (after L2 normalisation the
     collapse-free value is about 1/sqrt(D); raw values depend on the embedding's scale)."""
@@ -196,9 +205,10 @@ def health(z: Tensor, pairs: tuple[Tensor, Tensor] | None = None) -> dict[str, f
     and alignment of ``pairs`` (two [M, D] tensors of positive pairs) when given."""
     z = z.float()
     zn = F.normalize(z, dim=-1)
+    rank = effective_rank(z)
     out = {
-        "effective_rank": effective_rank(z),
-        "effective_rank_frac": effective_rank(z) / max(1, min(z.shape)),
+        "effective_rank": rank,
+        "effective_rank_frac": rank / max(1, min(z.shape)),
         "dim_std": per_dim_std(z),
         "dim_std_normalized": per_dim_std(zn),
         "uniformity": uniformity(z),

@@ -39,9 +39,9 @@ from lang_jepa.data.masking import collate, mask_window
 from lang_jepa.data.reader import document_windows
 from lang_jepa.data.windows import WindowCounters
 from lang_jepa.models import TextEncoder, pool_by_slot
-from lang_jepa.objective import JEPA, effective_rank, gather_tokens, jepa_loss
+from lang_jepa.objective import JEPA, gather_tokens, jepa_loss
 
-from .metrics import RetrievalResult, cosine_scores, health, retrieval_from_scores
+from .metrics import RetrievalResult, cosine_scores, effective_rank, health, retrieval_from_scores
 
 Batch = dict[str, Tensor]
 METHODS = ("model", "shuffled", "copy_context", "copy_neighbour", "batch_mean")
