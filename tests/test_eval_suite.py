@@ -194,3 +194,20 @@ def test_an_mlm_run_gets_the_encoder_metrics_only(runs: dict[str, Path], tmp_pat
     assert res["source"]["objective"] == "mlm" and res["source"]["model"] == "online encoder"
     assert res["predictor"] is None and "mlm" in res["skipped"]["predictor"]
     assert set(res["encoders"]) == {"model"} and res["encoders"]["model"]["effective_rank"] > 1.0
+
+
+def test_report_falls_back_to_tensorboard_events(run_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from lang_jepa.report import load_series
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir / "tb", run / "tb")  # no logs/metrics.jsonl
+    series, source = load_series(run)
+    assert source.endswith("tb")
+    jsonl, _ = load_series(run_dir)
+    assert [s for s, _ in series["train/loss"]] == [s for s, _ in jsonl["train/loss"]]
+    assert [v for _, v in series["train/loss"]] == pytest.approx(
+        [v for _, v in jsonl["train/loss"]], rel=1e-6
+    )
+    assert (tmp_path / "out" / "index.html") in report(run, tmp_path / "out")
