@@ -85,6 +85,10 @@ def test_shuffled_contexts_come_from_other_documents(loaded) -> None:
     for b, s in zip(batches, shuffled, strict=True):
         assert s["ctx_ids"].shape[0] == b["input_ids"].shape[0]
         assert s["ctx_valid"].sum(1).min() > 0
+    b, s = batches[0], shuffled[0]
+    with torch.no_grad():
+        own, swapped = loaded.jepa(b), predict_from_context(loaded.jepa, b, **s)
+    assert own.shape == swapped.shape and not torch.equal(own, swapped)
 
 
 def test_a_perfect_predictor_scores_one_and_controls_are_sane(loaded) -> None:
