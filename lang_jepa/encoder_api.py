@@ -70,7 +70,7 @@ def split_sentences(text: str) -> list[str]:
     return [text[a:b] for a, b in spans]
 
 
-def _load_tokenizer(path: Path) -> Any:
+def load_tokenizer(path: Path) -> Any:
     """The fast tokenizer's backend (``tokenizers.Tokenizer``), no padding, no truncation."""
     from tokenizers import Tokenizer
 
@@ -123,7 +123,7 @@ class Encoder:
         model = build_encoder(config["model"])
         model.load_state_dict(load_file(str(root / WEIGHTS_NAME)), strict=True)
         tok_dir = root / TOKENIZER_DIR
-        tokenizer = _load_tokenizer(tok_dir) if tok_dir.is_dir() else None
+        tokenizer = load_tokenizer(tok_dir) if tok_dir.is_dir() else None
         dev = (
             torch.device(device)
             if device is not None

@@ -96,7 +96,7 @@ def online_state_dict(ckpt_dir: Path, tag: str, zero_stage: int) -> dict[str, to
                 f"{tag_dir}: cannot consolidate the ZeRO-{zero_stage} checkpoint ({err})"
             ) from err
     else:
-        full = _zero0_module_states(tag_dir)
+        full = zero0_module_states(tag_dir)
     state = {
         k[len(ONLINE_PREFIX) :]: v.float() for k, v in full.items() if k.startswith(ONLINE_PREFIX)
     }
@@ -105,7 +105,7 @@ def online_state_dict(ckpt_dir: Path, tag: str, zero_stage: int) -> dict[str, to
     return state
 
 
-def _zero0_module_states(tag_dir: Path) -> dict[str, torch.Tensor]:
+def zero0_module_states(tag_dir: Path) -> dict[str, torch.Tensor]:
     """Module weights of a ZeRO-0 checkpoint (fp32 training: the master weights themselves)."""
     path = tag_dir / "mp_rank_00_model_states.pt"
     if not path.is_file():

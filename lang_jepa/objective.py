@@ -182,7 +182,8 @@ def effective_rank(z: Tensor) -> float:
     z = z.float()
     if z.shape[0] < 2:
         return math.nan
-    s = torch.linalg.svdvals(z)
+    # same singular values; torch's CPU SVD of a wide matrix (N < D) is ~50x slower
+    s = torch.linalg.svdvals(z.T if z.shape[0] < z.shape[1] else z)
     p = s / s.sum().clamp(min=1e-12) + 1e-12
     return float(torch.exp(-(p * p.log()).sum()))
 

@@ -22,12 +22,12 @@ from lang_jepa.encoder_api import (
     FORMAT,
     TOKENIZER_DIR,
     Encoder,
-    _load_tokenizer,
+    load_tokenizer,
     build_encoder,
     encoder_hparams,
 )
 from lang_jepa.export import (
-    _zero0_module_states,
+    zero0_module_states,
     locate_checkpoint,
     read_checkpoint_meta,
     target_state_dict,
@@ -73,7 +73,7 @@ def _full_state(ckpt_dir: Path, tag: str, zero_stage: int) -> dict[str, torch.Te
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
     else:
-        state = _zero0_module_states(ckpt_dir / tag)
+        state = zero0_module_states(ckpt_dir / tag)
     return {k: v.float() for k, v in state.items()}
 
 
@@ -123,7 +123,7 @@ def make_encoder(model: nn.Module, tokenizer_dir: Path, device: str = "cpu") -> 
         raise FileNotFoundError(
             f"tokenizer directory {tokenizer_dir} not found (the run's data.shards)"
         )
-    return Encoder(model.float().eval(), _load_tokenizer(tokenizer_dir), {"format": FORMAT, "model": hp},
+    return Encoder(model.float().eval(), load_tokenizer(tokenizer_dir), {"format": FORMAT, "model": hp},
                    torch.device(device))  # fmt: skip
 
 
