@@ -122,7 +122,9 @@ def validate_manifest(manifest: dict[str, Any], where: str = MANIFEST_NAME) -> d
         if not isinstance(manifest[key], typ):
             raise ShardFormatError(f"{where}: key {key!r} should be a {typ.__name__}")
     if manifest["format"] != FORMAT:
-        raise ShardFormatError(f"{where}: format {manifest['format']!r}, this code reads {FORMAT!r}")
+        raise ShardFormatError(
+            f"{where}: format {manifest['format']!r}, this code reads {FORMAT!r}"
+        )
     for key in ("name_or_path", "vocab_size", "sha256"):
         if key not in manifest["tokenizer"]:
             raise ShardFormatError(f"{where}: key 'tokenizer.{key}' is missing")
@@ -144,7 +146,9 @@ def validate_manifest(manifest: dict[str, Any], where: str = MANIFEST_NAME) -> d
         for i, shard in enumerate(info["shards"]):
             for key in ("url", "samples", "sentences", "tokens", "sha256"):
                 if key not in shard:
-                    raise ShardFormatError(f"{where}: key 'splits.{split}.shards[{i}].{key}' is missing")
+                    raise ShardFormatError(
+                        f"{where}: key 'splits.{split}.shards[{i}].{key}' is missing"
+                    )
     return manifest
 
 
@@ -152,7 +156,9 @@ def load_manifest(shard_dir: str | Path) -> dict[str, Any]:
     """Read and validate ``DIR/manifest.json``; errors name the file and the key."""
     path = Path(shard_dir) / MANIFEST_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no shard manifest (is {shard_dir} a build_shards output?)")
+        raise FileNotFoundError(
+            f"{path}: no shard manifest (is {shard_dir} a build_shards output?)"
+        )
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as err:

@@ -293,7 +293,8 @@ class Trainer:
         from .eval.predictor import quick_eval
 
         batches = [
-            move_batch(b, self.dev) for b, _ in zip(val_loader, range(self.cfg.eval.batches))
+            move_batch(b, self.dev)
+            for b, _ in zip(val_loader, range(self.cfg.eval.batches), strict=False)
         ]
         out = quick_eval(
             self.model, self.target, batches, self.cfg.loss, self.autocast, seed=self.cfg.train.seed

@@ -22,15 +22,15 @@ from lang_jepa.encoder_api import (
     FORMAT,
     TOKENIZER_DIR,
     Encoder,
-    load_tokenizer,
     build_encoder,
     encoder_hparams,
+    load_tokenizer,
 )
 from lang_jepa.export import (
-    zero0_module_states,
     locate_checkpoint,
     read_checkpoint_meta,
     target_state_dict,
+    zero0_module_states,
 )
 from lang_jepa.models import TextEncoder
 from lang_jepa.objective import JEPA, build_models
