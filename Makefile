@@ -10,6 +10,8 @@ EVAL_DATA := data/eval
 export DS_ACCELERATOR ?= cpu
 export OMP_NUM_THREADS ?= 2
 export TOKENIZERS_PARALLELISM ?= false
+# DeepSpeed's CPU ops (shm comm, CPU Adam) are compiled once per checkout and cached in its venv
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.venv/torch_extensions
 
 .PHONY: setup demo-data eval-data demo-shards demo test lint format clean-demo
 

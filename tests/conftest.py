@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+# DeepSpeed compiles its CPU ops once per checkout (as the Makefile does): a cache shared between
+# two checkouts would be rebuilt each time the other one starts.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions"))
 DEMO_RAW = REPO / "data" / "demo" / "raw"
 TINY_DOCS = 20
 
