@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from lang_jepa.metrics import CollapseAlarm
+from tests.helpers import cpu_env
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -27,8 +27,7 @@ def test_alarm_needs_patience_and_resets():
 
 @pytest.mark.engine
 def test_ema_off_run_trips_the_alarm_and_stops(tmp_path, tiny_shards):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env = cpu_env()
     cmd = [sys.executable, "train.py", "--config", "tiny", f"data.shards={tiny_shards}",
            f"train.run_dir={tmp_path / 'run'}", "train.max_steps=200", "train.log_interval=5",
            "train.val_interval=0", "train.save_interval=0", "optim.ema_start=0", "optim.ema_end=0",

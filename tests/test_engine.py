@@ -6,8 +6,6 @@ and checks what it dumped.
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,21 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import cpu_env, free_port
+
 REPO = Path(__file__).resolve().parent.parent
 WORKER = REPO / "tests" / "engine_worker.py"
 pytestmark = pytest.mark.engine
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    return env
 
 
 def run_worker(tmp: Path, shards: Path, stage: int, ranks: int, *overrides: str) -> list[dict]:
@@ -53,11 +41,11 @@ def run_worker(tmp: Path, shards: Path, stage: int, ranks: int, *overrides: str)
             "-m",
             "torch.distributed.run",
             f"--nproc_per_node={ranks}",
-            f"--master_port={_port()}",
+            f"--master_port={free_port()}",
             str(WORKER),
             *args,
         ]
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(ranks)]
 

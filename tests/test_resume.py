@@ -7,7 +7,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,28 +14,18 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import cpu_env, free_port
+
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.engine
 STEPS = 40
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", **extra)
-    return env
 
 
 def command(run_dir: Path, shards: Path, ranks: int, *extra: str) -> list[str]:
     launcher = [sys.executable]
     if ranks > 1:
         launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
-                    f"--master_port={_port()}"]  # fmt: skip
+                    f"--master_port={free_port()}"]  # fmt: skip
     return [*launcher, "train.py", "--deepspeed_config", "ds_configs/zero2.json", "--config", "tiny",
             f"data.shards={shards}", f"train.run_dir={run_dir}", f"train.max_steps={STEPS}",
             "train.log_interval=1", "train.val_interval=0", "train.save_interval=5",
@@ -45,7 +34,7 @@ def command(run_dir: Path, shards: Path, ranks: int, *extra: str) -> list[str]:
 
 def run(cmd: list[str], **env: str) -> subprocess.CompletedProcess:
     proc = subprocess.run(
-        cmd, cwd=REPO, env=_env(**env), capture_output=True, text=True, timeout=900
+        cmd, cwd=REPO, env=cpu_env(**env), capture_output=True, text=True, timeout=900
     )
     return proc
 
@@ -85,7 +74,7 @@ def test_sigkill_at_random_step_then_restart_is_bit_exact(tmp_path, tiny_shards,
     run_dir = tmp_path / "run"
     kill_at = random.Random().randint(7, 33)
     cmd = command(run_dir, tiny_shards, 2)
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(cmd, cwd=REPO, env=cpu_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     metrics = run_dir / "logs" / "metrics.jsonl"
     deadline = time.time() + 300
@@ -104,7 +93,7 @@ def test_sigkill_at_random_step_then_restart_is_bit_exact(tmp_path, tiny_shards,
 def test_sigusr1_to_one_rank_checkpoints_the_agreed_step_and_exits_75(tmp_path, tiny_shards):
     run_dir = tmp_path / "run"
     cmd = command(run_dir, tiny_shards, 2, "train.save_interval=0")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(cmd, cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)  # fmt: skip
     metrics = run_dir / "logs" / "metrics.jsonl"
     while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
@@ -131,7 +120,7 @@ def test_sigterm_single_process_exit_code(tmp_path, tiny_shards):
     proc = subprocess.Popen(
         command(run_dir, tiny_shards, 1, "train.save_interval=0"),
         cwd=REPO,
-        env=_env(),
+        env=cpu_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

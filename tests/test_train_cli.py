@@ -4,14 +4,14 @@ the run directory, TensorBoard scalars and start-up errors."""
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.helpers import cpu_env, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.engine
@@ -23,24 +23,12 @@ SCALARS = [
 ]  # fmt: skip
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    return env
-
-
 def train(
     launcher: list[str], run_dir: Path, shards: Path, *extra: str
 ) -> subprocess.CompletedProcess:
     cmd = [*launcher, "train.py", "--deepspeed_config", "ds_configs/zero2.json", "--config", "tiny",
            f"data.shards={shards}", f"train.run_dir={run_dir}", *extra]  # fmt: skip
-    return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=600)
 
 
 def read_scalars(tb_dir: Path) -> dict[str, list[float]]:
@@ -73,7 +61,7 @@ def test_python_single_process_writes_run_dir_and_tensorboard(tmp_path, tiny_sha
 
 @pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
 def test_two_rank_launchers(tmp_path, tiny_shards, launcher):
-    port = str(_port())
+    port = str(free_port())
     if launcher == "torchrun":
         cmd = [
             sys.executable,
@@ -120,7 +108,7 @@ def test_conflicting_deepspeed_value_is_an_error(tmp_path, tiny_shards):
     path.write_text(json.dumps(ds))
     cmd = [sys.executable, "train.py", "--deepspeed_config", str(path), "--config", "tiny",
            f"data.shards={tiny_shards}", f"train.run_dir={tmp_path / 'run'}"]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert (
         "train_micro_batch_size_per_gpu" in proc.stderr and "data.micro_batch_size" in proc.stderr

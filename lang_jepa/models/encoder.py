@@ -29,7 +29,21 @@ def _rescale_residual_projections(stack: BlockStack) -> None:
         block.mlp.fc2.weight.data.div_(math.sqrt(2.0 * layer))
 
 
-class TextEncoder(nn.Module):
+class _Checkpointable(nn.Module):
+    """``activation_checkpointing`` switches per-block recomputation of the module's ``stack``."""
+
+    stack: BlockStack
+
+    @property
+    def activation_checkpointing(self) -> bool:
+        return self.stack.activation_checkpointing
+
+    @activation_checkpointing.setter
+    def activation_checkpointing(self, on: bool) -> None:
+        self.stack.activation_checkpointing = on
+
+
+class TextEncoder(_Checkpointable):
     """Pre-LN transformer over token ids with explicit position ids.
 
     forward(input_ids [B, N], position_ids [B, N], valid [B, N] | None) -> features [B, N, D].
@@ -62,14 +76,6 @@ class TextEncoder(nn.Module):
         init_weights(self, init_std)
         _rescale_residual_projections(self.stack)
 
-    @property
-    def activation_checkpointing(self) -> bool:
-        return self.stack.activation_checkpointing
-
-    @activation_checkpointing.setter
-    def activation_checkpointing(self, on: bool) -> None:
-        self.stack.activation_checkpointing = on
-
     def forward(
         self, input_ids: Tensor, position_ids: Tensor, valid: Tensor | None = None
     ) -> Tensor:
@@ -87,7 +93,7 @@ class TextEncoder(nn.Module):
         return forward_flops_per_token(self.dim, self.depth, self.mlp_ratio, seq)
 
 
-class Predictor(nn.Module):
+class Predictor(_Checkpointable):
     """Narrow transformer predicting target-sentence embeddings from context features.
 
     Input: context features [B, Nc, D] projected down to the predictor width, plus a learned mask
@@ -120,14 +126,6 @@ class Predictor(nn.Module):
         init_weights(self, init_std)
         nn.init.trunc_normal_(self.mask_token, std=init_std)
         _rescale_residual_projections(self.stack)
-
-    @property
-    def activation_checkpointing(self) -> bool:
-        return self.stack.activation_checkpointing
-
-    @activation_checkpointing.setter
-    def activation_checkpointing(self, on: bool) -> None:
-        self.stack.activation_checkpointing = on
 
     def forward(
         self,
