@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import sys
 import tempfile
@@ -115,6 +116,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="also build a second engine with this override (repeatable) and time it "
         "against the first, interleaved: vs_over_base_ratio (e.g. model.compile=true)",
+    )
+    p.add_argument(
+        "--summarize",
+        metavar="DIR",
+        help="print the table of a gpu_check.sh output directory (writes summary.json)",
     )
     p.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
     return p.parse_args(argv)
@@ -567,8 +573,70 @@ def print_report(result: dict[str, Any]) -> None:
     print(common.table(rows, "train_bench"))
 
 
+RUNS = ("base", "base_ac", "large", "large_ac", "xl_offload")
+
+
+def summarize_dir(out_dir: Path) -> dict[str, Any]:
+    """gpu_check.sh's results against issue 6's targets: a table, and summary.json."""
+    runs: dict[str, Any] = {}
+    for name in (*RUNS, "paths"):
+        path = out_dir / f"{name}.json"
+        runs[name] = json.loads(path.read_text()) if path.is_file() else None
+    f = common.fmt
+    print(f"{'run':<11} {'device':<24} {'MFU':>6} {'HFU':>6} {'tokens/s':>10} {'step ms':>8} "
+          f"{'peak GB':>8} {'act GB':>7}")  # fmt: skip
+    for name in RUNS:
+        r = runs[name]
+        if r is None:
+            print(f"{name:<11} (no result: see {name}.log)")
+            continue
+        print(f"{name:<11} {r['device'][:24]:<24} {f(r['mfu'], '.1%'):>6} {f(r['hfu'], '.1%'):>6} "
+              f"{f(r['tokens_per_s'], ',.0f'):>10} {f(r['step_ms'], '.1f'):>8} "
+              f"{f(r['peak_mem_gb'], '.2f'):>8} {f(r.get('act_mem_gb'), '.2f'):>7}")  # fmt: skip
+
+    def get(name: str, key: str) -> Any:
+        return (runs[name] or {}).get(key)
+
+    act = (get("large", "act_mem_gb"), get("large_ac", "act_mem_gb"))
+    act_ratio = act[0] / act[1] if None not in act and act[1] > 0 else None
+    ok = (runs["paths"] or {}).get("checks", {}).get("ok", {})
+    checks = {
+        "base MFU >= 50%": (get("base", "mfu"), _at_least(get("base", "mfu"), 0.50)),
+        "large + act. ckpt MFU >= 45%": (
+            get("large_ac", "mfu"),
+            _at_least(get("large_ac", "mfu"), 0.45),
+        ),
+        "large activation memory >= 3x lower with ckpt": (act_ratio, _at_least(act_ratio, 3.0)),
+        "xl ZeRO-3 + CPU offload trains on one GPU": (
+            get("xl_offload", "peak_mem_gb"),
+            runs["xl_offload"] is not None,
+        ),
+        "flash SDPA taken with no mask": (None, ok.get("flash_sdpa_no_mask")),
+        "bf16 engine": (None, ok.get("bf16_engine")),
+        "FusedAdam is engine.basic_optimizer": (None, ok.get("fused_adam")),
+    }
+    print("\ntarget                                            value   met")
+    for label, (value, met) in checks.items():
+        shown = f(value, ".3g") if isinstance(value, float) else f(value)
+        print(f"{label:<48} {shown:>7}   {f(met)}")
+    syncs = (runs["paths"] or {}).get("checks", {}).get("host_syncs_per_step")
+    if syncs:
+        print(f"host syncs in one train step: {syncs['count']} {syncs['by_line']}")
+    summary = {"runs": runs, "activation_memory_ratio_large": act_ratio,
+               "targets": {k: {"value": v, "met": m} for k, (v, m) in checks.items()}}  # fmt: skip
+    common.write_json(out_dir / "summary.json", summary)
+    return summary
+
+
+def _at_least(value: float | None, bound: float) -> bool | None:
+    return None if value is None else value >= bound
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.summarize:
+        summarize_dir(Path(args.summarize))
+        return 0
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if args.threads:

@@ -1,0 +1,88 @@
+"""benchmarks/train_bench.py and benchmarks/gpu_check.sh run on CPU and write what checks read.
+
+Not timings: the figures themselves come from running the benchmarks (see docs_perf.md).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TRAIN_BENCH = REPO / "benchmarks" / "train_bench.py"
+GPU_CHECK = REPO / "benchmarks" / "gpu_check.sh"
+pytestmark = pytest.mark.engine
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="2", TOKENIZERS_PARALLELISM="false", **extra)
+    return env
+
+
+def _positive(x: object) -> bool:
+    return isinstance(x, int | float) and math.isfinite(x) and x > 0
+
+
+def test_train_bench_json(tiny_shards: Path, tmp_path: Path) -> None:
+    """The real engine and the plain loop on real shards, tiny preset: the keys and sane values."""
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(TRAIN_BENCH), "--preset", "tiny", "--shards", str(tiny_shards),
+           "--steps", "2", "--warmup", "1", "--json", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "deepspeed / plain" in proc.stdout
+    r = json.loads(out.read_text())
+    for key in ("tokens_per_s", "step_ms", "plain_step_ms", "deepspeed_over_plain_ratio"):
+        assert _positive(r[key]), (key, r[key])
+    assert 0.05 < r["deepspeed_over_plain_ratio"] < 20
+    assert r["mfu"] is None and r["hfu"] is None and r["peak_mem_gb"] is None  # CPU
+    assert r["device_type"] == "cpu" and r["device"]
+    s = r["settings"]
+    assert (s["preset"], s["zero_stage"], s["precision"], s["seq_len"]) == ("tiny", 2, "fp32", 64)
+    assert len(r["step_ms_all"]) == len(r["plain_step_ms_all"]) == 2
+    # tokens/s counts valid tokens of the timed steps: at most a full batch per step
+    assert r["tokens_per_step"] <= s["micro_batch"] * s["seq_len"]
+    for loop in ("deepspeed", "plain"):
+        assert {"targets", "forward", "backward", "step", "ema"} <= set(r["breakdown_ms"][loop])
+
+
+def test_gpu_check_syntax_and_dry_run(tmp_path: Path) -> None:
+    assert subprocess.run(["bash", "-n", str(GPU_CHECK)], capture_output=True).returncode == 0
+    env = _env(OUT=str(tmp_path / "dry"))
+    proc = subprocess.run(["bash", str(GPU_CHECK), "--dry-run"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    for name in ("paths", "base", "large_ac", "large", "xl_offload", "base_ac", "summary"):
+        assert f"[{name}]" in proc.stdout
+    assert "--preset xl" in proc.stdout and "zero3_offload.json" in proc.stdout
+    assert not (tmp_path / "dry").exists()  # a dry run runs and writes nothing
+    bad = subprocess.run(["bash", str(GPU_CHECK), "--bogus"], capture_output=True, text=True)
+    assert bad.returncode == 2
+
+
+def test_gpu_check_cpu_smoke(tmp_path: Path) -> None:
+    """The GPU script's entry points (path checks, benches, ZeRO-3, summary) on CPU, tiny preset."""
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", str(GPU_CHECK), "--cpu-smoke"], cwd=REPO,
+                          env=_env(OUT=str(out)), capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "rc=124" not in proc.stdout and "skipped: time budget" not in proc.stdout, proc.stdout
+    paths = json.loads((out / "paths.json").read_text())["checks"]
+    assert paths["ok"]["flash_sdpa_no_mask"] is True
+    assert paths["attention"]["train_step"]  # the SDPA ops a real step ran
+    assert paths["optimizer"].endswith("AdamW") and paths["zero_stage"] == 2
+    for name, ckpt, stage in (("base", False, 2), ("large_ac", True, 2), ("xl_offload", False, 3)):
+        r = json.loads((out / f"{name}.json").read_text())
+        assert r["settings"]["activation_checkpointing"] is ckpt
+        assert r["settings"]["zero_stage"] == stage
+        assert _positive(r["tokens_per_s"]) and _positive(r["step_ms"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert "base MFU >= 50%" in summary["targets"]
+    assert "target" in proc.stdout and "xl_offload" in proc.stdout
