@@ -6,7 +6,6 @@ import json
 import math
 import os
 import random
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,14 @@ from torch import Tensor
 
 from . import checkpoint, engine, schedules
 from .config import Config, ConfigError, resolve_batch, to_dict
+from .control import (
+    EXIT_REQUEUE,
+    FAULT_NAN_ENV,
+    Accumulators,
+    NonFiniteLoss,
+    RepresentationCollapse,
+    StopRequest,
+)
 from .data import build_train_loader, build_val_loader, check_tokenizer
 from .data.windows import stable_hash63
 from .ema import ema_update
@@ -41,52 +48,6 @@ from .objective import (
 )
 from .runinfo import run_info, setup_logging, write_run_dir
 from .shards import load_manifest, manifest_hash
-
-EXIT_REQUEUE = (
-    75  # EX_TEMPFAIL: checkpoint written after SIGTERM/SIGUSR1; slurm/pretrain.sh requeues
-)
-FAULT_NAN_ENV = "LANG_JEPA_FAULT_NAN_STEP"  # test-only fault injection: NaN loss at this step
-
-
-class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or inf (train.nonfinite=stop, or too many skipped steps)."""
-
-
-class RepresentationCollapse(RuntimeError):
-    """The collapse alarm tripped and eval.collapse_stop is set."""
-
-
-class StopRequest:
-    """Records SIGTERM / SIGUSR1 (what SLURM sends before preemption or the time limit); the loop
-    acts on it only at a step boundary that every rank agrees on."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-
-    def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame: object) -> None:
-        self.signum = signum
-
-
-@dataclass
-class Accumulators:
-    """Sums kept on the device between logging steps (no host sync in the hot loop)."""
-
-    loss: Tensor  # sum of the finite micro-batch losses
-    finite: Tensor  # how many micro-batch losses were finite
-    tokens: Tensor
-    samples: int = 0
-    micro_steps: int = 0
-    model_flops: Tensor | float = 0.0
-    t0: float = field(default_factory=time.perf_counter)
-
-    @classmethod
-    def zeros(cls, dev: torch.device) -> Accumulators:
-        zero = lambda: torch.zeros((), device=dev)  # noqa: E731
-        return cls(loss=zero(), finite=zero(), tokens=zero())
 
 
 @dataclass
