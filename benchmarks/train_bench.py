@@ -33,13 +33,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import sys
 import tempfile
 import time
-import warnings
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -431,72 +429,6 @@ def profile_step(fn: Callable[[list[Batch]], None], micro: list[Batch], top: int
 # fast-path checks
 
 
-def sdpa_ops(fn: Callable[[], Any]) -> dict[str, int]:
-    """Which SDPA implementations ``fn`` ran (aten op names -> calls), via the profiler."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
-    counts: Counter[str] = Counter()
-    for evt in prof.events():
-        name = evt.name
-        if name.startswith("aten::_scaled_dot_product") or name.startswith("aten::_flash"):
-            counts[name.removeprefix("aten::")] += 1
-    return dict(counts)
-
-
-def attention_checks(trainer: Any, batch: Batch) -> dict[str, Any]:
-    """The encoder's attention: flash with no mask, which backend with a padding mask, and which
-    backends one real train step used."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    enc, dev = trainer.model.encoder, trainer.dev
-    b, n = 2, min(trainer.cfg.model.seq_len, 256)
-    ids = torch.randint(1000, 2000, (b, n), device=dev)
-    pos = torch.arange(n, device=dev).expand(b, n)
-    padded = torch.ones(b, n, dtype=torch.bool, device=dev)
-    padded[1, n // 2 :] = False
-    out: dict[str, Any] = {}
-
-    def forward(valid: Tensor | None, backend: SDPBackend | None = None) -> None:
-        with torch.no_grad(), sdpa_kernel(backend) if backend else contextlib.nullcontext():
-            enc(ids, pos, valid)
-
-    for label, valid in (("no_mask", None), ("padding_mask", padded)):
-        try:
-            forward(valid, SDPBackend.FLASH_ATTENTION)
-            out[f"flash_forced_{label}"] = "ok"
-        except RuntimeError as err:
-            out[f"flash_forced_{label}"] = f"refused: {str(err).splitlines()[0][:160]}"
-        out[f"default_{label}"] = sdpa_ops(lambda v=valid: forward(v))
-    from lang_jepa.trainer import Accumulators
-
-    acc = Accumulators.zeros(dev)
-    out["train_step"] = sdpa_ops(lambda: trainer.train_step([batch], acc))
-    return out
-
-
-def count_host_syncs(trainer: Any, batch: Batch) -> dict[str, Any] | None:
-    """Host-device synchronisations in one train step (CUDA sync debug mode), by source line."""
-    if trainer.dev.type != "cuda":
-        return None
-    from lang_jepa.trainer import Accumulators
-
-    acc = Accumulators.zeros(trainer.dev)
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            trainer.train_step([batch], acc)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    where = Counter(
-        f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)
-    )
-    return {"count": sum(where.values()), "by_line": dict(where.most_common())}
-
-
 def check_paths(args: argparse.Namespace, trainer: Any) -> dict[str, Any]:
     from lang_jepa.trainer import Accumulators
 
@@ -506,8 +438,8 @@ def check_paths(args: argparse.Namespace, trainer: Any) -> dict[str, Any]:
     on_gpu = dev.type == "cuda"
     batch = preload(trainer, 2)
     trainer.train_step(batch[0], Accumulators.zeros(dev))  # warm up (lazy initialisations)
-    attn = attention_checks(trainer, batch[1][0])
-    syncs = count_host_syncs(trainer, batch[1][0])
+    attn = common.attention_checks(trainer, batch[1][0])
+    syncs = common.count_host_syncs(trainer, batch[1][0])
     result = {
         "bf16_engine": bool(eng.bfloat16_enabled()),
         "param_dtype": str(param.dtype).removeprefix("torch."),
@@ -573,69 +505,10 @@ def print_report(result: dict[str, Any]) -> None:
     print(common.table(rows, "train_bench"))
 
 
-RUNS = ("base", "base_ac", "large", "large_ac", "xl_offload")
-
-
-def summarize_dir(out_dir: Path) -> dict[str, Any]:
-    """gpu_check.sh's results against issue 6's targets: a table, and summary.json."""
-    runs: dict[str, Any] = {}
-    for name in (*RUNS, "paths"):
-        path = out_dir / f"{name}.json"
-        runs[name] = json.loads(path.read_text()) if path.is_file() else None
-    f = common.fmt
-    print(f"{'run':<11} {'device':<24} {'MFU':>6} {'HFU':>6} {'tokens/s':>10} {'step ms':>8} "
-          f"{'peak GB':>8} {'act GB':>7}")  # fmt: skip
-    for name in RUNS:
-        r = runs[name]
-        if r is None:
-            print(f"{name:<11} (no result: see {name}.log)")
-            continue
-        print(f"{name:<11} {r['device'][:24]:<24} {f(r['mfu'], '.1%'):>6} {f(r['hfu'], '.1%'):>6} "
-              f"{f(r['tokens_per_s'], ',.0f'):>10} {f(r['step_ms'], '.1f'):>8} "
-              f"{f(r['peak_mem_gb'], '.2f'):>8} {f(r.get('act_mem_gb'), '.2f'):>7}")  # fmt: skip
-
-    def get(name: str, key: str) -> Any:
-        return (runs[name] or {}).get(key)
-
-    act = (get("large", "act_mem_gb"), get("large_ac", "act_mem_gb"))
-    act_ratio = act[0] / act[1] if None not in act and act[1] > 0 else None
-    ok = (runs["paths"] or {}).get("checks", {}).get("ok", {})
-    checks = {
-        "base MFU >= 50%": (get("base", "mfu"), _at_least(get("base", "mfu"), 0.50)),
-        "large + act. ckpt MFU >= 45%": (
-            get("large_ac", "mfu"),
-            _at_least(get("large_ac", "mfu"), 0.45),
-        ),
-        "large activation memory >= 3x lower with ckpt": (act_ratio, _at_least(act_ratio, 3.0)),
-        "xl ZeRO-3 + CPU offload trains on one GPU": (
-            get("xl_offload", "peak_mem_gb"),
-            runs["xl_offload"] is not None,
-        ),
-        "flash SDPA taken with no mask": (None, ok.get("flash_sdpa_no_mask")),
-        "bf16 engine": (None, ok.get("bf16_engine")),
-        "FusedAdam is engine.basic_optimizer": (None, ok.get("fused_adam")),
-    }
-    print("\ntarget                                            value   met")
-    for label, (value, met) in checks.items():
-        shown = f(value, ".3g") if isinstance(value, float) else f(value)
-        print(f"{label:<48} {shown:>7}   {f(met)}")
-    syncs = (runs["paths"] or {}).get("checks", {}).get("host_syncs_per_step")
-    if syncs:
-        print(f"host syncs in one train step: {syncs['count']} {syncs['by_line']}")
-    summary = {"runs": runs, "activation_memory_ratio_large": act_ratio,
-               "targets": {k: {"value": v, "met": m} for k, (v, m) in checks.items()}}  # fmt: skip
-    common.write_json(out_dir / "summary.json", summary)
-    return summary
-
-
-def _at_least(value: float | None, bound: float) -> bool | None:
-    return None if value is None else value >= bound
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.summarize:
-        summarize_dir(Path(args.summarize))
+        common.summarize_dir(Path(args.summarize))
         return 0
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
