@@ -90,13 +90,15 @@ class RankWindow:
     def __init__(self, size: int) -> None:
         self.batches: collections.deque[Tensor] = collections.deque(maxlen=size)
 
-    def add(self, z: Tensor) -> None:
-        self.batches.append(z.detach().float())
+    def add(self, z: Tensor, valid: Tensor) -> None:
+        """z [B, S, D] with valid [B, S]: kept as is; the boolean selection (a host sync) waits
+        for :meth:`effective_rank`, which runs on logging steps only."""
+        self.batches.append((z.detach(), valid))
 
     def effective_rank(self) -> float:
         if not self.batches:
             return math.nan
-        return effective_rank(torch.cat(list(self.batches)))
+        return effective_rank(torch.cat([z[v].float() for z, v in self.batches]))
 
 
 class CollapseAlarm:
