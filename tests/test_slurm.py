@@ -45,7 +45,9 @@ def _env(tmp: Path, **extra: str) -> dict[str, str]:
     bin_dir.mkdir(exist_ok=True)
     (bin_dir / "scontrol").write_text(FAKE_SCONTROL)
     (bin_dir / "scontrol").chmod(0o755)
-    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "GPUS", "NODES")
+    # OMP_NUM_THREADS too: `make test` exports one, and the script derives it from the allocation
+    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "GPUS", "NODES",
+            "OMP_NUM_THREADS")  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in drop}
     env.update(PATH=f"{bin_dir}:{env['PATH']}", FAKE_SCONTROL_LOG=str(tmp / "scontrol.log"),
                SLURM_SUBMIT_DIR=str(REPO), TOKENIZERS_PARALLELISM="false", **extra)  # fmt: skip
