@@ -23,13 +23,13 @@ from torch import Tensor, nn
 from .config import Config, ConfigError, resolve_batch
 from .ema import Fragment
 
-# Engine settings we fill from our config: ds key -> (our key, value getter)
-AUTO_KEYS = (
-    "train_micro_batch_size_per_gpu",
-    "gradient_accumulation_steps",
-    "train_batch_size",
-    "gradient_clipping",
-)
+# Engine settings filled from our config: DeepSpeed key -> the config key it comes from
+AUTO_KEYS = {
+    "train_micro_batch_size_per_gpu": "data.micro_batch_size",
+    "gradient_accumulation_steps": "train.grad_accum_steps",
+    "train_batch_size": "train.global_batch_size",
+    "gradient_clipping": "optim.grad_clip",
+}
 FORBIDDEN_SECTIONS = {
     "optimizer": "the optimizer is built from optim.* (AdamW, FusedAdam on GPU)",
     "scheduler": "lr / weight-decay schedules are pure functions of the step in lang_jepa.schedules",
@@ -85,18 +85,12 @@ def build_ds_config(path: str | Path, cfg: Config, world_size: int) -> dict[str,
             raise ConfigError(f"deepspeed config {path}: remove key {section!r}: {why}")
     micro, accum, glob = resolve_batch(cfg, world_size)
     ours = dict(zip(AUTO_KEYS, (micro, accum, glob, cfg.optim.grad_clip), strict=True))
-    source = {
-        "train_micro_batch_size_per_gpu": "data.micro_batch_size",
-        "gradient_accumulation_steps": "train.grad_accum_steps",
-        "train_batch_size": "train.global_batch_size",
-        "gradient_clipping": "optim.grad_clip",
-    }
     for key, value in ours.items():
         current = ds.get(key, "auto")
         if current != "auto" and current != value:
             raise ConfigError(
-                f"deepspeed config {path}: key {key!r} is {current} but {source[key]} gives {value}; "
-                f'set it to "auto" and configure {source[key]}'
+                f"deepspeed config {path}: key {key!r} is {current} but {AUTO_KEYS[key]} gives {value}; "
+                f'set it to "auto" and configure {AUTO_KEYS[key]}'
             )
         ds[key] = value
     bf16 = cfg.train.precision == "bf16"

@@ -43,21 +43,26 @@ class JEPA(nn.Module):
         self.encoder = encoder
         self.predictor = predictor
 
+    @staticmethod
+    def context_inputs(batch: Batch) -> tuple[Tensor, Tensor]:
+        """Context token ids and their true positions [B, Nc]. Padding slots of ``ctx_index``
+        (index 0, which may be a target token) get the pad id and position 0, so not even a
+        masked-out target id enters the context encoder."""
+        pad = ~batch["ctx_valid"]
+        ids = gather_tokens(batch["input_ids"], batch["ctx_index"]).masked_fill(pad, 0)
+        pos = gather_tokens(batch["position_ids"], batch["ctx_index"]).masked_fill(pad, 0)
+        return ids, pos
+
     def encode_context(self, batch: Batch) -> Tensor:
-        """Context features [B, Nc, D]. Padding slots of ``ctx_index`` (index 0, which may be a
-        target token) are replaced by the pad id, so not even a masked-out target id enters."""
-        ctx_valid = batch["ctx_valid"]
-        ids = gather_tokens(batch["input_ids"], batch["ctx_index"]).masked_fill(~ctx_valid, 0)
-        pos = gather_tokens(batch["position_ids"], batch["ctx_index"]).masked_fill(~ctx_valid, 0)
-        return self.encoder(ids, pos, ctx_valid)
+        """Context features [B, Nc, D]."""
+        ids, pos = self.context_inputs(batch)
+        return self.encoder(ids, pos, batch["ctx_valid"])
 
     def forward(self, batch: Batch) -> Tensor:
-        ctx = self.encode_context(batch)
+        ids, pos = self.context_inputs(batch)
         return self.predictor(
-            ctx,
-            ctx_pos=gather_tokens(batch["position_ids"], batch["ctx_index"]).masked_fill(
-                ~batch["ctx_valid"], 0
-            ),
+            self.encoder(ids, pos, batch["ctx_valid"]),
+            ctx_pos=pos,
             ctx_valid=batch["ctx_valid"],
             tgt_pos=gather_tokens(batch["position_ids"], batch["tgt_index"]),
             tgt_valid=batch["tgt_valid"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -321,9 +322,7 @@ class Trainer:
         checkpoint.set_rng_state(state["rng"])
 
     @property
-    def log(self):  # noqa: ANN201
-        import logging
-
+    def log(self) -> logging.Logger:
         return logging.getLogger("lang_jepa")
 
 
