@@ -54,7 +54,8 @@ class PredictorConfig:
 class DataConfig:
     shards: str = "data/demo/shards"  # directory holding manifest.json
     tokenizer: str | None = None  # if set, must be the shards' tokenizer (compared by sha256)
-    micro_batch_size: int = 8  # windows per rank per forward
+    micro_batch_size: int = 8  # windows per rank per forward (packed: micro_batch x seq_len tokens)
+    packing: bool = True  # train batches: windows packed into one row, block-diagonal attention
     num_workers: int = 1  # DataLoader workers per rank
     prefetch_factor: int = 4
     shuffle_buffer: int = 1000  # windows held for the sample-level shuffle

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .models import TextEncoder
+from .objective import batch_segments
 
 Batch = dict[str, Tensor]
 
@@ -58,7 +59,10 @@ class MLM(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def forward(self, batch: Batch) -> Tensor:
-        feats = self.encoder(batch["mlm_input_ids"], batch["position_ids"], batch["valid"])
+        feats = self.encoder(
+            batch["mlm_input_ids"], batch["position_ids"], batch["valid"],
+            batch_segments(batch, "full"),
+        )  # fmt: skip
         picked = feats.gather(1, batch["mlm_index"][..., None].expand(-1, -1, feats.shape[-1]))
         return self.head(self.head_norm(picked))
 

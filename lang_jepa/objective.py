@@ -1,9 +1,10 @@
 """The LANG-JEPA objective: targets from the EMA encoder, predictions from context + predictor, loss.
 
-Batch contract (dict of tensors from :mod:`lang_jepa.data`; B windows of L tokens):
+Batch contract (dict from :func:`lang_jepa.data.masking.collate_rows`; B rows of L tokens):
 ``input_ids``/``position_ids``/``valid`` [B, L]; ``ctx_index``/``ctx_valid`` [B, Nc] (context
 tokens); ``tgt_index``/``tgt_valid``/``tgt_sent`` [B, Nt] (target tokens and their target-sentence
-slot); ``tgt_sent_valid`` [B, S].
+slot); ``tgt_sent_valid`` [B, S]. A packed batch (several windows per row) also carries the
+segment bounds that keep its windows apart (``cu_*``/``max_*``, ``pred_order``, ``pred_tgt``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torch import Tensor, nn
 
 from .config import Config, LossConfig
 from .models import Predictor, TextEncoder, pool_by_slot
-from .models.layers import compile_blocks
+from .models.layers import Segments, compile_blocks
 
 Batch = dict[str, Tensor]
 
@@ -28,6 +29,15 @@ def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
     if x.dim() == 2:
         return x.gather(1, index)
     return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def batch_segments(batch: Batch, stream: str) -> Segments | None:
+    """The :class:`Segments` of a packed batch's ``full``, ``ctx`` or ``pred`` token stream, or
+    None for a batch of one window per row."""
+    if f"cu_{stream}" not in batch:
+        return None
+    shape = {"full": "input_ids", "ctx": "ctx_index", "pred": "pred_order"}[stream]
+    return Segments(batch[f"cu_{stream}"], batch[f"max_{stream}"], batch[shape].numel())
 
 
 class JEPA(nn.Module):
@@ -56,18 +66,23 @@ class JEPA(nn.Module):
     def encode_context(self, batch: Batch) -> Tensor:
         """Context features [B, Nc, D]."""
         ids, pos = self.context_inputs(batch)
-        return self.encoder(ids, pos, batch["ctx_valid"])
+        return self.encoder(ids, pos, batch["ctx_valid"], batch_segments(batch, "ctx"))
 
     def forward(self, batch: Batch) -> Tensor:
         ids, pos = self.context_inputs(batch)
+        ctx_segments = batch_segments(batch, "ctx")
+        packing = None
+        if ctx_segments is not None:
+            packing = (batch["pred_order"], batch["pred_tgt"], batch_segments(batch, "pred"))
         return self.predictor(
-            self.encoder(ids, pos, batch["ctx_valid"]),
+            self.encoder(ids, pos, batch["ctx_valid"], ctx_segments),
             ctx_pos=pos,
             ctx_valid=batch["ctx_valid"],
             tgt_pos=gather_tokens(batch["position_ids"], batch["tgt_index"]),
             tgt_valid=batch["tgt_valid"],
             tgt_sent=batch["tgt_sent"],
             n_slots=batch["tgt_sent_valid"].shape[1],
+            packing=packing,
         )
 
 
@@ -105,7 +120,9 @@ def compute_targets(
     """
     device_type = batch["input_ids"].device.type
     with torch.autocast(device_type, dtype=autocast or torch.float32, enabled=autocast is not None):
-        feats = target_encoder(batch["input_ids"], batch["position_ids"], batch["valid"])
+        feats = target_encoder(
+            batch["input_ids"], batch["position_ids"], batch["valid"], batch_segments(batch, "full")
+        )
     tokens = gather_tokens(feats.float(), batch["tgt_index"])
     pooled = pool_by_slot(
         tokens, batch["tgt_sent"], batch["tgt_valid"], batch["tgt_sent_valid"].shape[1]

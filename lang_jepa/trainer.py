@@ -107,7 +107,7 @@ class Trainer:
             acc.loss += torch.where(finite, loss.detach(), 0.0)
             acc.finite += finite.float()
             acc.tokens += batch["valid"].sum()
-            acc.samples += batch["valid"].shape[0]
+            acc.samples += batch["doc_index"].shape[0]  # windows
             acc.micro_steps += 1
             if self.ranks is not None and targets is not None:
                 self.ranks.add(targets, batch["tgt_sent_valid"])

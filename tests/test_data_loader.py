@@ -13,7 +13,13 @@ import torch
 
 from lang_jepa import shards as fmt
 from lang_jepa.config import Config, load_config
-from lang_jepa.data.loader import StreamSpec, TrainLoader, build_train_loader, build_val_loader
+from lang_jepa.data.loader import (
+    StreamSpec,
+    TrainLoader,
+    build_train_loader,
+    build_val_loader,
+    pack_windows,
+)
 from lang_jepa.data.reader import (
     check_tokenizer,
     document_windows,
@@ -60,15 +66,29 @@ def test_each_epoch_reads_every_document_exactly_once(shard_dir: Path, n_slots: 
         assert sorted(seen) == sorted(d[0] for d in DOCS[:13])
 
 
-def test_batches_are_windows_of_one_document(shard_dir: Path):
-    loader = build_train_loader(_cfg(shard_dir), rank=0, world_size=1)
+def _batch_windows(batch: dict) -> list[np.ndarray]:
+    """The token ids of each window of a batch: its segments if packed, else its rows."""
+    if "cu_full" not in batch:
+        return [row[v].numpy() for row, v in zip(batch["input_ids"], batch["valid"], strict=True)]
+    flat, cu = batch["input_ids"].flatten().numpy(), batch["cu_full"].tolist()
+    return [flat[cu[i] : cu[i + 1]] for i in range(len(batch["doc_index"]))]
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_batches_are_windows_of_one_document(shard_dir: Path, packing: bool):
+    cfg = _cfg(shard_dir, f"data.packing={packing}")
+    loader = build_train_loader(cfg, rank=0, world_size=1)
     docs = _doc_tokens()
+    budget = cfg.data.micro_batch_size * cfg.model.seq_len
     for _ in range(10):
         batch = next(loader)
-        for row in range(batch["input_ids"].shape[0]):
-            n = int(batch["valid"][row].sum())
-            ids = batch["input_ids"][row, :n].numpy()
-            doc = docs[int(batch["doc_index"][row])]
+        windows = _batch_windows(batch)
+        assert len(windows) == len(batch["doc_index"])
+        assert batch["input_ids"].shape == ((1, budget) if packing else (4, cfg.model.seq_len))
+        assert sum(map(len, windows)) == int(batch["valid"].sum())
+        for ids, doc_index in zip(windows, batch["doc_index"].tolist(), strict=True):
+            doc, n = docs[doc_index], len(ids)
+            assert 0 < n <= cfg.model.seq_len
             starts = np.flatnonzero(doc[: len(doc) - n + 1] == ids[0])
             assert any(np.array_equal(doc[s : s + n], ids) for s in starts)
 
@@ -89,13 +109,24 @@ def test_every_rank_yields_the_same_number_of_batches_on_an_unequal_split(shard_
 
 
 def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return a.keys() == b.keys() and all(
+        torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a
+    )
 
 
-@pytest.mark.parametrize("own_state", [True, False])
-@pytest.mark.parametrize("workers", [0, 2])
-def test_resume_gives_exactly_the_next_batches(shard_dir: Path, workers: int, own_state: bool):
-    cfg = _cfg(shard_dir, f"data.num_workers={workers}", "data.prefetch_factor=2")
+@pytest.mark.parametrize(
+    ("workers", "own_state", "packing"),
+    [(0, True, True), (0, False, True), (2, True, True), (2, False, True), (2, False, False)],
+)
+def test_resume_gives_exactly_the_next_batches(
+    shard_dir: Path, workers: int, own_state: bool, packing: bool
+):
+    cfg = _cfg(
+        shard_dir,
+        f"data.num_workers={workers}",
+        "data.prefetch_factor=2",
+        f"data.packing={packing}",
+    )
     reference = build_train_loader(cfg, rank=1, world_size=2)
     expected = [next(reference) for _ in range(12)]
     reference.close()
@@ -113,6 +144,23 @@ def test_resume_gives_exactly_the_next_batches(shard_dir: Path, workers: int, ow
     assert state["batches"] == 7
     assert all(_same(g, e) for g, e in zip(got, expected[7:], strict=True))
     assert not _same(got[0], expected[6])
+
+
+def test_packing_places_every_window_once_within_the_budget(tiny_shards: Path):
+    windows = list(document_windows(split_shards(tiny_shards, "train"), 64, 2, WindowCounters()))
+    assert len(windows) > 200
+    budget, pool = 256, 16
+    batches = list(pack_windows(iter(windows), budget, pool))
+    placed = [(w.doc_key, w.index) for batch in batches for w in batch]
+    assert sorted(placed) == sorted((w.doc_key, w.index) for w in windows)
+    sizes = [sum(w.n_tokens for w in batch) for batch in batches]
+    assert max(sizes) <= budget
+    # best fit leaves room for no waiting window; only the drained tail may be emptier
+    assert sum(sizes[:-4]) / (budget * len(sizes[:-4])) > 0.93
+    # a batch starts with the oldest waiting window: no window waits behind more than the pool
+    first_seen = {(w.doc_key, w.index): i for i, w in enumerate(windows)}
+    lateness = [first_seen[(b[0].doc_key, b[0].index)] for b in batches]
+    assert lateness == sorted(lateness)
 
 
 def test_resume_refuses_another_worker_count(shard_dir: Path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from lang_jepa.config import load_config
@@ -21,8 +22,9 @@ def setup_batch(tiny_shards, *overrides):
     return cfg, model, target, batch, vocab
 
 
-def test_target_tokens_never_reach_the_context_encoder(tiny_shards):
-    cfg, model, target, batch, vocab = setup_batch(tiny_shards)
+@pytest.mark.parametrize("packing", [True, False])
+def test_target_tokens_never_reach_the_context_encoder(tiny_shards, packing):
+    cfg, model, target, batch, vocab = setup_batch(tiny_shards, f"data.packing={packing}")
     model.eval()
     perturbed = dict(batch)
     ids = batch["input_ids"].clone()
@@ -43,7 +45,7 @@ def test_target_tokens_never_reach_the_context_encoder(tiny_shards):
 
 
 def test_predictions_depend_on_the_context(tiny_shards):
-    _, model, _, batch, _ = setup_batch(tiny_shards)
+    _, model, _, batch, _ = setup_batch(tiny_shards, "data.packing=false")
     shuffled = dict(batch)
     perm = torch.roll(torch.arange(batch["input_ids"].shape[0]), 1)
     for key in ("input_ids", "ctx_index", "ctx_valid"):
@@ -52,8 +54,62 @@ def test_predictions_depend_on_the_context(tiny_shards):
         assert not torch.allclose(model(batch), model(shuffled))
 
 
+def _window_slots(batch: dict) -> torch.Tensor:
+    """Window number (0..W-1) of every target slot of a one-row packed batch."""
+    cu = batch["cu_full"].long()
+    tgt_window = torch.searchsorted(cu[1:], batch["tgt_index"][0], right=True)
+    slots = torch.full((batch["tgt_sent_valid"].shape[1],), -1)
+    valid = batch["tgt_valid"][0]
+    slots[batch["tgt_sent"][0][valid]] = tgt_window[valid]
+    return slots
+
+
+def test_windows_packed_in_one_row_do_not_see_each_other(tiny_shards):
+    cfg, model, target, batch, vocab = setup_batch(tiny_shards)
+    assert batch["input_ids"].shape[0] == 1 and len(batch["doc_index"]) >= 3
+    model.eval()
+    changed = dict(batch)
+    cu = batch["cu_full"].tolist()
+    ids = batch["input_ids"].clone()
+    ids[0, cu[1] : cu[2]] = torch.randint(1, vocab, (cu[2] - cu[1],))  # every token of window 1
+    changed["input_ids"] = ids
+    window = _window_slots(batch)
+    with torch.no_grad():
+        p0, p1 = model(batch), model(changed)
+        t0, t1 = compute_targets(target, batch, None), compute_targets(target, changed, None)
+    for before, after in ((p0, p1), (t0, t1)):
+        assert not torch.allclose(before[0, window == 1], after[0, window == 1])
+        assert torch.equal(before[0, window != 1], after[0, window != 1])
+
+
+def test_packed_batch_matches_one_window_per_row(tiny_shards):
+    from lang_jepa.data.masking import collate, collate_rows, mask_window
+    from lang_jepa.data.reader import document_windows, split_shards
+    from lang_jepa.data.windows import WindowCounters
+
+    cfg, model, target, _, _ = setup_batch(tiny_shards)
+    model.eval()
+    shards = split_shards(tiny_shards, "train")
+    windows = list(document_windows(shards, cfg.model.seq_len, 3, WindowCounters()))[:6]
+    masks = [mask_window(w, cfg.mask, 0, 0) for w in windows]
+    rows = collate(windows, masks, cfg.model.seq_len)
+    budget = sum(w.n_tokens for w in windows) + 13  # and a padding tail
+    packed = collate_rows([list(zip(windows, masks, strict=True))], budget, packed=True)
+    with torch.no_grad():
+        pred_rows, pred_packed = model(rows), model(packed)
+        tgt_rows = compute_targets(target, rows, None)
+        tgt_packed = compute_targets(target, packed, None)
+    sel_rows, sel_packed = rows["tgt_sent_valid"], packed["tgt_sent_valid"]
+    assert int(sel_rows.sum()) == int(sel_packed.sum())
+    torch.testing.assert_close(pred_packed[sel_packed], pred_rows[sel_rows], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(tgt_packed[sel_packed], tgt_rows[sel_rows], atol=1e-5, rtol=1e-4)
+    loss_rows, _ = jepa_loss(pred_rows, tgt_rows, sel_rows, cfg.loss)
+    loss_packed, _ = jepa_loss(pred_packed, tgt_packed, sel_packed, cfg.loss)
+    torch.testing.assert_close(loss_packed, loss_rows)
+
+
 def test_targets_are_pooled_per_sentence_and_layer_normed(tiny_shards):
-    _, _, target, batch, _ = setup_batch(tiny_shards)
+    _, _, target, batch, _ = setup_batch(tiny_shards, "data.packing=false")
     t = compute_targets(target, batch, None)
     valid = batch["tgt_sent_valid"]
     assert t.shape[:2] == valid.shape and t.dtype == torch.float32

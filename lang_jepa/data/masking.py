@@ -168,43 +168,115 @@ def _round_up(n: int, multiple: int, cap: int) -> int:
 
 
 def collate(windows: list[Window], masks: list[WindowMask], seq_len: int) -> dict[str, Tensor]:
-    """Pad masked windows into the batch contract (B windows, L = seq_len).
+    """One window per row, padded to ``seq_len`` (see :func:`collate_rows`, ``packed=False``)."""
+    rows = [[(w, m)] for w, m in zip(windows, masks, strict=True)]
+    return collate_rows(rows, seq_len, packed=False)
 
-    Returns int64 / bool tensors:
-    ``input_ids`` [B, L] (0-padded), ``valid`` [B, L], ``position_ids`` [B, L] (0..n-1, 0 on
-    padding), ``ctx_index`` / ``ctx_valid`` [B, Nc], ``tgt_index`` / ``tgt_sent`` / ``tgt_valid``
-    [B, Nt] (index paddings are 0), ``tgt_sent_valid`` [B, S], ``doc_index`` [B]. Nc and Nt are the
-    batch maxima rounded up to a multiple of 8 (at most L); S is the most target sentences.
+
+def _segment_bounds(lengths: list[list[int]], row_len: int) -> tuple[Tensor, int]:
+    """cu_seqlens (int32) over the flattened rows and the longest segment. Each row's windows
+    are segments; its padding tail is cut into segments no longer than the longest window, so a
+    mostly empty row does not widen the padded attention batch of the CPU path."""
+    cap = max(max((n for row in lengths for n in row), default=1), 1)
+    sizes = []
+    for row in lengths:
+        tail = row_len - sum(row)
+        sizes += row + [cap] * (tail // cap) + ([tail % cap] if tail % cap else [])
+    cu = np.concatenate(([0], np.cumsum(sizes)))
+    return cu.astype(np.int32), max(sizes)
+
+
+def to_tensors(batch: dict[str, np.ndarray | int], pin: bool = False) -> dict[str, Tensor | int]:
+    """numpy arrays -> torch tensors (zero-copy, or copied into pinned memory)."""
+    out: dict[str, Tensor | int] = {}
+    for key, value in batch.items():
+        if isinstance(value, np.ndarray):
+            value = torch.from_numpy(value)
+            value = value.pin_memory() if pin else value
+        out[key] = value
+    return out
+
+
+def collate_rows(
+    rows: list[list[tuple[Window, WindowMask]]], row_len: int, packed: bool
+) -> dict[str, Tensor | int]:
+    """:func:`collate_arrays` as torch tensors: the batch contract."""
+    return to_tensors(collate_arrays(rows, row_len, packed))
+
+
+def collate_arrays(
+    rows: list[list[tuple[Window, WindowMask]]], row_len: int, packed: bool
+) -> dict[str, np.ndarray | int]:
+    """Masked windows into the batch contract (as numpy): B rows of L = ``row_len`` tokens.
+
+    A row holds its windows one after the other, then padding. Tensors (int64 / bool):
+    ``input_ids`` [B, L] (0-padded), ``valid`` [B, L], ``position_ids`` [B, L] (0..n-1 within each
+    window, 0 on padding), ``ctx_index`` / ``ctx_valid`` [B, Nc], ``tgt_index`` / ``tgt_sent`` /
+    ``tgt_valid`` [B, Nt] (index paddings are 0; ``tgt_sent`` numbers the row's target sentences
+    0..S-1 across its windows), ``tgt_sent_valid`` [B, S], ``doc_index`` [W] (one per window, in
+    row order). Nc and Nt are the batch maxima rounded up to a multiple of 8 (at most L).
+
+    ``packed`` (several windows per row) adds what keeps the windows apart, for three token
+    streams: the window (``full``, B x L), the context (``ctx``, B x Nc) and the predictor's input
+    (``pred``, B x (Nc + Nt): each window's context then its mask tokens): ``cu_{stream}``
+    (int32 cu_seqlens over the flattened stream, see :class:`lang_jepa.models.layers.Segments`)
+    and ``max_{stream}`` (int); plus ``pred_order`` [B, Nc + Nt] (index into the concatenation
+    of context and mask tokens) and ``pred_tgt`` [B, Nt] (where each mask token lands).
     """
-    b = len(windows)
-    lens = np.fromiter((w.n_tokens for w in windows), dtype=np.int64, count=b)
-    n_ctx = np.fromiter((len(m.ctx_index) for m in masks), dtype=np.int64, count=b)
-    n_tgt = np.fromiter((len(m.tgt_index) for m in masks), dtype=np.int64, count=b)
-    nc = _round_up(int(n_ctx.max()), PAD_MULTIPLE, seq_len)
-    nt = _round_up(int(n_tgt.max()), PAD_MULTIPLE, seq_len)
-    s = max(m.n_tgt_sents for m in masks)
-    input_ids = np.zeros((b, seq_len), dtype=np.int64)
+    b = len(rows)
+    win_lens = [[w.n_tokens for w, _ in row] for row in rows]
+    ctx_lens = [[len(m.ctx_index) for _, m in row] for row in rows]
+    tgt_lens = [[len(m.tgt_index) for _, m in row] for row in rows]
+    n_ctx = np.array([sum(r) for r in ctx_lens], dtype=np.int64)
+    n_tgt = np.array([sum(r) for r in tgt_lens], dtype=np.int64)
+    n_sents = np.array([sum(m.n_tgt_sents for _, m in row) for row in rows], dtype=np.int64)
+    if max(sum(r) for r in win_lens) > row_len:
+        raise ValueError(f"a row holds {max(sum(r) for r in win_lens)} tokens > {row_len}")
+    nc = _round_up(int(n_ctx.max()), PAD_MULTIPLE, row_len)
+    nt = _round_up(int(n_tgt.max()), PAD_MULTIPLE, row_len)
+    input_ids = np.zeros((b, row_len), dtype=np.int64)
+    position_ids = np.zeros((b, row_len), dtype=np.int64)
     ctx_index = np.zeros((b, nc), dtype=np.int64)
     tgt_index = np.zeros((b, nt), dtype=np.int64)
     tgt_sent = np.zeros((b, nt), dtype=np.int64)
-    for i, (w, m) in enumerate(zip(windows, masks, strict=True)):
-        input_ids[i, : lens[i]] = w.tokens
-        ctx_index[i, : n_ctx[i]] = m.ctx_index.numpy()
-        tgt_index[i, : n_tgt[i]] = m.tgt_index.numpy()
-        tgt_sent[i, : n_tgt[i]] = m.tgt_sent.numpy()
-    n_sents = np.fromiter((m.n_tgt_sents for m in masks), dtype=np.int64, count=b)
-    ar = np.arange(seq_len, dtype=np.int64)
-    valid = ar[None, :] < lens[:, None]
-    doc_index = np.fromiter((w.doc_index for w in windows), dtype=np.int64, count=b)
-    return {
-        "input_ids": torch.from_numpy(input_ids),
-        "valid": torch.from_numpy(valid),
-        "position_ids": torch.from_numpy(np.where(valid, ar[None, :], 0)),
-        "ctx_index": torch.from_numpy(ctx_index),
-        "ctx_valid": torch.from_numpy(ar[None, :nc] < n_ctx[:, None]),
-        "tgt_index": torch.from_numpy(tgt_index),
-        "tgt_valid": torch.from_numpy(ar[None, :nt] < n_tgt[:, None]),
-        "tgt_sent": torch.from_numpy(tgt_sent),
-        "tgt_sent_valid": torch.from_numpy(np.arange(s)[None, :] < n_sents[:, None]),
-        "doc_index": torch.from_numpy(doc_index),
+    order = np.zeros((b, nc + nt), dtype=np.int64)
+    for i, row in enumerate(rows):
+        at = c = t = p = s = 0  # running token, context, target, predictor and slot offsets
+        for w, m in row:
+            n, k, j = w.n_tokens, len(m.ctx_index), len(m.tgt_index)
+            input_ids[i, at : at + n] = w.tokens
+            position_ids[i, at : at + n] = np.arange(n)
+            ctx_index[i, c : c + k] = m.ctx_index.numpy() + at
+            tgt_index[i, t : t + j] = m.tgt_index.numpy() + at
+            tgt_sent[i, t : t + j] = m.tgt_sent.numpy() + s
+            order[i, p : p + k] = np.arange(c, c + k)
+            order[i, p + k : p + k + j] = np.arange(nc + t, nc + t + j)
+            at, c, t, p, s = at + n, c + k, t + j, p + k + j, s + m.n_tgt_sents
+        order[i, p:] = np.concatenate((np.arange(c, nc), np.arange(nc + t, nc + nt)))
+    ar = np.arange(row_len, dtype=np.int64)
+    lens = np.array([sum(r) for r in win_lens], dtype=np.int64)
+    doc_index = np.array([w.doc_index for row in rows for w, _ in row], dtype=np.int64)
+    batch: dict[str, np.ndarray | int] = {
+        "input_ids": (input_ids),
+        "valid": (ar[None, :] < lens[:, None]),
+        "position_ids": (position_ids),
+        "ctx_index": (ctx_index),
+        "ctx_valid": (ar[None, :nc] < n_ctx[:, None]),
+        "tgt_index": (tgt_index),
+        "tgt_valid": (ar[None, :nt] < n_tgt[:, None]),
+        "tgt_sent": (tgt_sent),
+        "tgt_sent_valid": (np.arange(n_sents.max())[None, :] < n_sents[:, None]),
+        "doc_index": (doc_index),
     }
+    if packed:
+        pred_lens = [
+            [k + j for k, j in zip(a, c, strict=True)]
+            for a, c in zip(ctx_lens, tgt_lens, strict=True)
+        ]
+        for name, lengths, size in (
+            ("full", win_lens, row_len), ("ctx", ctx_lens, nc), ("pred", pred_lens, nc + nt)
+        ):  # fmt: skip
+            batch[f"cu_{name}"], batch[f"max_{name}"] = _segment_bounds(lengths, size)
+        batch["pred_order"] = order
+        batch["pred_tgt"] = np.argsort(order, axis=1, kind="stable")[:, nc:]
+    return batch

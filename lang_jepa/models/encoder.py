@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .layers import BlockStack, forward_flops_per_token, init_weights, rope_cos_sin
+from .layers import BlockStack, Segments, forward_flops_per_token, init_weights, rope_cos_sin
 
 
 def pool_by_slot(x: Tensor, slot: Tensor, valid: Tensor, n_slots: int) -> Tensor:
@@ -46,9 +46,11 @@ class _Checkpointable(nn.Module):
 class TextEncoder(_Checkpointable):
     """Pre-LN transformer over token ids with explicit position ids.
 
-    forward(input_ids [B, N], position_ids [B, N], valid [B, N] | None) -> features [B, N, D].
+    forward(input_ids [B, N], position_ids [B, N], valid [B, N] | None, segments) -> [B, N, D].
     ``N`` may be any subset of a window (the context encoder sees context tokens only): positions
     are the tokens' true positions in the window, so nothing is lost by removing the targets.
+    A row holds one window (``valid`` masks its padding) or, in a packed batch, several windows
+    kept apart by ``segments`` (block-diagonal attention; ``valid`` is then not needed).
     """
 
     def __init__(
@@ -77,7 +79,11 @@ class TextEncoder(_Checkpointable):
         _rescale_residual_projections(self.stack)
 
     def forward(
-        self, input_ids: Tensor, position_ids: Tensor, valid: Tensor | None = None
+        self,
+        input_ids: Tensor,
+        position_ids: Tensor,
+        valid: Tensor | None = None,
+        segments: Segments | None = None,
     ) -> Tensor:
         x = self.tok_emb(input_ids)
         rope = None
@@ -85,8 +91,8 @@ class TextEncoder(_Checkpointable):
             x = x + self.pos_emb(position_ids)
         else:
             rope = rope_cos_sin(position_ids, self.dim // self.heads, self.rope_theta)
-        key_mask = valid  # no `valid.all()` check: it would cost a host sync every forward
-        return self.stack(x, rope, key_mask)
+        # no `valid.all()` check to drop the mask: it would cost a host sync every forward
+        return self.stack(x, rope, segments if segments is not None else valid)
 
     def flops_per_token(self, seq: int) -> float:
         """Forward FLOPs per token attending over ``seq`` tokens (embedding lookups are free)."""
@@ -99,7 +105,9 @@ class Predictor(_Checkpointable):
     Input: context features [B, Nc, D] projected down to the predictor width, plus a learned mask
     token at every target token position (with that token's true position), attended jointly.
     Output: the mask-token outputs mean-pooled per target sentence and projected back up,
-    [B, S, D].
+    [B, S, D]. In a packed batch, ``packing`` = (order [B, Nc + Nt], tgt_at [B, Nt], segments):
+    ``order`` rearranges the concatenated (context, mask tokens) so each window's tokens are
+    contiguous, ``tgt_at`` says where each mask token went, and ``segments`` keeps windows apart.
     """
 
     def __init__(
@@ -136,19 +144,27 @@ class Predictor(_Checkpointable):
         tgt_valid: Tensor,
         tgt_sent: Tensor,
         n_slots: int,
+        packing: tuple[Tensor, Tensor, Segments] | None = None,
     ) -> Tensor:
         """ctx [B, Nc, D]; ctx_pos/ctx_valid [B, Nc]; tgt_pos/tgt_valid/tgt_sent [B, Nt] -> [B, S, D]."""
         b, nt = tgt_pos.shape
         x = torch.cat((self.embed(ctx), self.mask_token.expand(b, nt, -1).to(ctx.dtype)), dim=1)
         pos = torch.cat((ctx_pos, tgt_pos), dim=1)
-        valid = torch.cat((ctx_valid, tgt_valid), dim=1)
+        mask: Tensor | Segments = torch.cat((ctx_valid, tgt_valid), dim=1)
+        if packing is not None:
+            order, tgt_at, mask = packing
+            x = x.gather(1, order[..., None].expand(-1, -1, x.shape[-1]))
+            pos = pos.gather(1, order)
         rope = None
         if self.pos_emb is not None:
             x = x + self.pos_emb(pos)
         else:
             rope = rope_cos_sin(pos, self.dim // self.heads, self.rope_theta)
-        key_mask = valid
-        x = self.stack(x, rope, key_mask)[:, ctx.shape[1] :]
+        x = self.stack(x, rope, mask)
+        if packing is None:
+            x = x[:, ctx.shape[1] :]
+        else:
+            x = x.gather(1, tgt_at[..., None].expand(-1, -1, x.shape[-1]))
         return self.out(pool_by_slot(x, tgt_sent, tgt_valid, n_slots))
 
     def flops_per_token(self, seq: int) -> float:

@@ -7,10 +7,17 @@ input) keeps the true positions of its tokens.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+try:  # flash attention over variable-length segments (CUDA, fp16/bf16); torch >= 2.9
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:  # pragma: no cover - older torch: the padded SDPA path is used
+    varlen_attn = None
 
 
 def rope_cos_sin(position_ids: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
@@ -33,11 +40,58 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return (x.float() * cos + rotated * sin).to(x.dtype)
 
 
+@dataclass(eq=False)
+class Segments:
+    """Block-diagonal attention over a packed batch: tokens attend only within their segment.
+
+    ``cu_seqlens`` [n + 1] (int32, on the batch's device) are the segment boundaries over the
+    ``total`` flattened ``B x N`` tokens of a stream (every token in exactly one segment, none
+    empty); ``max_len`` is the longest segment. On CUDA in fp16/bf16, attention runs as one flash
+    ``varlen_attn`` call over the unpadded tokens. Elsewhere (CPU, fp32) the segments are gathered
+    into a ``[n, max_len]`` padded batch for SDPA and scattered back; the indices for that are
+    built here once per forward, shared by every layer, without a host sync.
+    """
+
+    cu_seqlens: Tensor
+    max_len: int
+    total: int
+    pad_index: Tensor = field(init=False)  # [n, max_len] flat token of each padded slot (0: pad)
+    pad_valid: Tensor = field(init=False)  # [n, max_len] the slot holds a token
+    flat_slot: Tensor = field(init=False)  # [total] padded slot (s * max_len + j) of each token
+
+    def __post_init__(self) -> None:
+        cu = self.cu_seqlens.long()
+        slot = torch.arange(self.max_len, device=cu.device)
+        self.pad_valid = slot[None, :] < (cu[1:] - cu[:-1])[:, None]
+        self.pad_index = (cu[:-1, None] + slot[None, :]) * self.pad_valid
+        token = torch.arange(self.total, device=cu.device)
+        seg = torch.searchsorted(cu[1:], token, right=True)
+        self.flat_slot = seg * self.max_len + (token - cu[seg])
+
+
+Mask = Tensor | Segments | None
+
+
+def segment_attention(q: Tensor, k: Tensor, v: Tensor, seg: Segments, dropout: float) -> Tensor:
+    """Attention of q, k, v [T, H, hd] (flattened tokens) within each segment -> [T, H, hd]."""
+    flash = varlen_attn is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+    if flash and dropout == 0.0:  # varlen_attn has no dropout: the padded path handles it
+        cu = seg.cu_seqlens
+        return varlen_attn(q, k, v, cu, cu, seg.max_len, seg.max_len)
+    n, m = seg.pad_index.shape
+    pad = [t[seg.pad_index].transpose(1, 2) for t in (q, k, v)]  # [n, H, m, hd]
+    out = F.scaled_dot_product_attention(
+        *pad, attn_mask=seg.pad_valid[:, None, None, :], dropout_p=dropout
+    )
+    return out.transpose(1, 2).reshape(n * m, *q.shape[1:])[seg.flat_slot]
+
+
 class Attention(nn.Module):
     """Multi-head self-attention through ``F.scaled_dot_product_attention``.
 
-    With no key mask SDPA can take the flash kernel on GPU; a key-padding mask [B, N] (True = may be
-    attended) selects the memory-efficient kernel instead.
+    ``mask`` is None (every token attends to every token of its row: SDPA may take the flash
+    kernel on GPU), a key-padding mask [B, N] (True = may be attended; SDPA's memory-efficient
+    kernel), or :class:`Segments` for a packed batch (block-diagonal; flash varlen on GPU).
     """
 
     def __init__(self, dim: int, heads: int, dropout: float = 0.0) -> None:
@@ -48,17 +102,17 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.dropout = dropout
 
-    def forward(
-        self, x: Tensor, rope: tuple[Tensor, Tensor] | None, key_mask: Tensor | None
-    ) -> Tensor:
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Mask) -> Tensor:
         b, n, d = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        attn_mask = None if key_mask is None else key_mask[:, None, None, :]
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
-        )
+        dropout = self.dropout if self.training else 0.0
+        if isinstance(mask, Segments):
+            flat = [t.transpose(1, 2).reshape(b * n, self.heads, self.head_dim) for t in (q, k, v)]
+            return self.proj(segment_attention(*flat, mask, dropout).reshape(b, n, d))
+        attn_mask = None if mask is None else mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 
@@ -85,10 +139,8 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = MLP(dim, int(dim * mlp_ratio), dropout)
 
-    def forward(
-        self, x: Tensor, rope: tuple[Tensor, Tensor] | None, key_mask: Tensor | None
-    ) -> Tensor:
-        x = x + self.attn(self.norm1(x), rope, key_mask)
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Mask) -> Tensor:
+        x = x + self.attn(self.norm1(x), rope, mask)
         return x + self.mlp(self.norm2(x))
 
 
@@ -105,14 +157,12 @@ class BlockStack(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=eps)
         self.activation_checkpointing = False
 
-    def forward(
-        self, x: Tensor, rope: tuple[Tensor, Tensor] | None, key_mask: Tensor | None
-    ) -> Tensor:
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Mask) -> Tensor:
         for block in self.blocks:
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, rope, key_mask, use_reentrant=False)
+                x = checkpoint(block, x, rope, mask, use_reentrant=False)
             else:
-                x = block(x, rope, key_mask)
+                x = block(x, rope, mask)
         return self.norm(x)
 
 
