@@ -111,8 +111,10 @@ def sdpa_ops(fn: Callable[[], Any]) -> dict[str, int]:
     counts: Counter[str] = Counter()
     for evt in prof.events():
         name = evt.name
-        if name.startswith("aten::_scaled_dot_product") or name.startswith("aten::_flash"):
+        if name.startswith(("aten::_scaled_dot_product", "aten::_flash", "aten::_cudnn_att")):
             counts[name.removeprefix("aten::")] += 1
+        elif name.startswith("torch_attn::"):  # torch.nn.attention.varlen (packed batches)
+            counts[name] += 1
     return dict(counts)
 
 
@@ -140,11 +142,39 @@ def attention_checks(trainer: Any, batch: Batch) -> dict[str, Any]:
         except RuntimeError as err:
             out[f"flash_forced_{label}"] = f"refused: {str(err).splitlines()[0][:160]}"
         out[f"default_{label}"] = sdpa_ops(lambda v=valid: forward(v))
+    out.update(packed_attention_check(enc, trainer.autocast, ids, pos))
     from lang_jepa.trainer import Accumulators
 
     acc = Accumulators.zeros(dev)
     out["train_step"] = sdpa_ops(lambda: trainer.train_step([batch], acc))
     return out
+
+
+def packed_attention_check(enc: Any, dtype: torch.dtype | None, ids: Tensor, pos: Tensor) -> dict:
+    """Two windows packed in one row (plus a padding tail) through the encoder with
+    :class:`Segments` must give what each window gives alone; and which kernel ran."""
+    from lang_jepa.models.layers import Segments
+
+    n = ids.shape[1]
+    a, b = n // 2, n // 4
+    row_ids = ids[:1].clone()
+    row_pos = torch.cat((pos[0, :a], pos[0, : n - a]))[None]
+    cu = torch.tensor([0, a, a + b, n], dtype=torch.int32, device=ids.device)
+    seg = Segments(cu, max(a, n - a - b), n)
+    dev_type = ids.device.type
+    with (
+        torch.no_grad(),
+        torch.autocast(dev_type, dtype=dtype or torch.float32, enabled=bool(dtype)),
+    ):
+        packed = enc(row_ids, row_pos, None, seg).float()
+        first = enc(row_ids[:, :a], row_pos[:, :a]).float()
+        second = enc(row_ids[:, a : a + b], row_pos[:, a : a + b]).float()
+        ops = sdpa_ops(lambda: enc(row_ids, row_pos, None, seg))
+    diff = max(
+        (packed[:, :a] - first).abs().max().item(),
+        (packed[:, a : a + b] - second).abs().max().item(),
+    )
+    return {"packed_max_abs_diff": diff, "packed_ops": ops}
 
 
 def count_host_syncs(trainer: Any, batch: Batch) -> dict[str, Any] | None:

@@ -1,16 +1,19 @@
 """Data-loader benchmark: masked-window batches per second from one DataLoader worker.
 
     .venv/bin/python benchmarks/loader_bench.py [--shards DIR | --raw DIR] [--preset small]
-        [--seq-len 256 512] [--seconds 8] [--json FILE]
+        [--seq-len 256 512] [--seconds 8] [--json FILE] [--no-unpacked]
 
 Shards: ``--shards DIR`` (a build_shards output) is read as is; otherwise the text files of
 ``--raw`` (default data/demo/raw, the SOTU demo corpus) are sentence-split with blingfire and
 tokenized with the default BERT tokenizer into temporary shards; without either, synthetic
 documents with SOTU-like sentence lengths are used (the table says which). For each seq_len it
 measures the train loader with one worker process (``tokens_per_s_per_worker`` counts real, unpadded
-tokens) and the padding fraction of the batches (padding / (B x L)). It also prints the padding
-floor of whole-sentence windows (greedy cut = fewest windows) split into its two causes: the gap at
-the end of full windows and each document's last, partly filled window.
+tokens) and the padding fraction of the batches: padding / (B x L) of the window tokens (what the
+target encoder reads), and the same for the context and target index rows. It does so with packing
+(the default: windows best-fit into one row of micro_batch x seq_len tokens) and without (one
+window per row). For the unpacked batches it splits the padding of whole-sentence windows
+(greedy cut = fewest windows) into its two causes: the gap at the end of full windows and each
+document's last, partly filled window. JSON: the first seq_len's packed figures.
 """
 
 from __future__ import annotations
@@ -89,27 +92,35 @@ def padding_floor(shard_dir: Path, seq_len: int) -> tuple[float, float]:
     return float((seq_len - fill[~last]).sum() / total), float((seq_len - fill[last]).sum() / total)
 
 
-def measure(shard_dir: Path, preset: str, seq_len: int, workers: int, seconds: float) -> dict:
-    cfg = load_config(preset, [f"data.shards={shard_dir}", f"model.seq_len={seq_len}"])
+def measure(
+    shard_dir: Path, preset: str, seq_len: int, workers: int, seconds: float, packing: bool
+) -> dict:
+    cfg = load_config(
+        preset, [f"data.shards={shard_dir}", f"model.seq_len={seq_len}", f"data.packing={packing}"]
+    )
     loader = TrainLoader(StreamSpec.from_config(cfg, "train"), 0, 1, num_workers=workers)
     for _ in range(3):  # worker start-up and first reads
         next(loader)
-    real = total = batches = 0
+    sums = dict.fromkeys(("real", "total", "ctx", "ctx_total", "tgt", "tgt_total", "batches"), 0)
     start = time.perf_counter()
     while time.perf_counter() - start < seconds:
         batch = next(loader)
-        real += int(batch["valid"].sum())
-        total += batch["valid"].numel()
-        batches += 1
+        for key, mask in (("real", "valid"), ("ctx", "ctx_valid"), ("tgt", "tgt_valid")):
+            sums[key] += int(batch[mask].sum())
+            sums["total" if key == "real" else f"{key}_total"] += batch[mask].numel()
+        sums["batches"] += 1
     elapsed = time.perf_counter() - start
     counters = loader.counters()
     loader.close()
     return {
         "seq_len": seq_len,
+        "packing": packing,
         "micro_batch": cfg.data.micro_batch_size,
-        "tokens_per_s": real / elapsed,
-        "batches_per_s": batches / elapsed,
-        "padding_fraction": 1.0 - real / total,
+        "tokens_per_s": sums["real"] / elapsed,
+        "batches_per_s": sums["batches"] / elapsed,
+        "padding_fraction": 1.0 - sums["real"] / sums["total"],
+        "ctx_padding_fraction": 1.0 - sums["ctx"] / sums["ctx_total"],
+        "tgt_padding_fraction": 1.0 - sums["tgt"] / sums["tgt_total"],
         "short_windows": counters["short_windows"],
         "long_sentence_pieces": counters["long_sentence_pieces"],
     }
@@ -123,23 +134,31 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seq-len", type=int, nargs="+", default=[256, 512])
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--seconds", type=float, default=8.0, help="measuring time per seq_len")
-    p.add_argument("--json", help="write the figures of the first seq_len here")
+    p.add_argument("--no-unpacked", action="store_true", help="measure packed batches only")
+    p.add_argument("--json", help="write the packed figures of the first seq_len here")
     args = p.parse_args(argv)
+    modes = (True,) if args.no_unpacked else (True, False)
     with tempfile.TemporaryDirectory() as tmp:
         shard_dir, source = prepare_shards(args, Path(tmp))
-        rows = []
+        rows, floors = [], {}
         for seq_len in args.seq_len:
-            row = measure(shard_dir, args.preset, seq_len, args.workers, args.seconds)
-            row["padding_gap"], row["padding_last_window"] = padding_floor(shard_dir, seq_len)
-            rows.append(row)
+            for packing in modes:
+                rows.append(
+                    measure(shard_dir, args.preset, seq_len, args.workers, args.seconds, packing)
+                )
+            floors[seq_len] = padding_floor(shard_dir, seq_len)
     print(f"data: {source}; preset {args.preset}; {args.workers} worker(s)")
-    print(f"{'seq_len':>7} {'batch':>5} {'tokens/s':>10} {'batches/s':>9} {'padding':>8} "
-          f"{'= gap':>7} {'+ last':>7} {'short':>6} {'pieces':>6}")  # fmt: skip
+    print(f"{'seq_len':>7} {'packed':>6} {'batch':>5} {'tokens/s':>10} {'batches/s':>9} "
+          f"{'padding':>8} {'ctx pad':>8} {'tgt pad':>8} {'short':>6} {'pieces':>6}")  # fmt: skip
     for r in rows:
-        print(f"{r['seq_len']:>7} {r['micro_batch']:>5} {r['tokens_per_s']:>10,.0f} "
-              f"{r['batches_per_s']:>9.1f} {r['padding_fraction']:>8.2%} {r['padding_gap']:>7.2%} "
-              f"{r['padding_last_window']:>7.2%} {r['short_windows']:>6} "
+        print(f"{r['seq_len']:>7} {'yes' if r['packing'] else 'no':>6} {r['micro_batch']:>5} "
+              f"{r['tokens_per_s']:>10,.0f} {r['batches_per_s']:>9.1f} "
+              f"{r['padding_fraction']:>8.2%} {r['ctx_padding_fraction']:>8.2%} "
+              f"{r['tgt_padding_fraction']:>8.2%} {r['short_windows']:>6} "
               f"{r['long_sentence_pieces']:>6}")  # fmt: skip
+    for seq_len, (gap, last) in floors.items():
+        print(f"unpacked padding at seq_len {seq_len}: {gap:.2%} gap at the end of full windows "
+              f"+ {last:.2%} in documents' last windows")  # fmt: skip
     if args.json:
         first = rows[0]
         out = {

@@ -450,8 +450,13 @@ def check_paths(args: argparse.Namespace, trainer: Any) -> dict[str, Any]:
         "attention": attn,
         "host_syncs_per_step": syncs,
     }
+    packed_tol = 0.05 if trainer.autocast is not None else 1e-4  # bf16 vs fp32 rounding
     result["ok"] = {
         "flash_sdpa_no_mask": attn["flash_forced_no_mask"] == "ok",
+        "packed_matches_windows": attn["packed_max_abs_diff"] < packed_tol,
+        "flash_varlen_packed": (
+            any("flash" in op or "varlen" in op for op in attn["packed_ops"]) if on_gpu else None
+        ),
         "bf16_engine": result["bf16_engine"] and result["param_dtype"] == "bfloat16",
         "fused_adam": result["fused_adam"] if on_gpu else None,
     }

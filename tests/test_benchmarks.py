@@ -1,6 +1,5 @@
-"""benchmarks/train_bench.py and benchmarks/gpu_check.sh run on CPU and write what checks read.
-
-Not timings: the figures themselves come from running the benchmarks (see docs_perf.md).
+"""The benchmarks (train_bench.py, loader_bench.py, gpu_check.sh) run on CPU and write what checks
+read. Not timings: the figures themselves come from running the benchmarks (README, Performance).
 """
 
 from __future__ import annotations
@@ -16,6 +15,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN_BENCH = REPO / "benchmarks" / "train_bench.py"
+LOADER_BENCH = REPO / "benchmarks" / "loader_bench.py"
 GPU_CHECK = REPO / "benchmarks" / "gpu_check.sh"
 pytestmark = pytest.mark.engine
 
@@ -53,6 +53,21 @@ def test_train_bench_json(tiny_shards: Path, tmp_path: Path) -> None:
     assert r["tokens_per_step"] <= s["micro_batch"] * s["seq_len"]
     for loop in ("deepspeed", "plain"):
         assert {"targets", "forward", "backward", "step", "ema"} <= set(r["breakdown_ms"][loop])
+
+
+def test_loader_bench_json(tiny_shards: Path, tmp_path: Path) -> None:
+    """Real shards through the real loader, packed and unpacked: packing removes most padding."""
+    out = tmp_path / "loader.json"
+    cmd = [sys.executable, str(LOADER_BENCH), "--shards", str(tiny_shards), "--preset", "tiny",
+           "--seq-len", "64", "--seconds", "1", "--json", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    r = json.loads(out.read_text())
+    assert _positive(r["tokens_per_s_per_worker"]) and r["seq_len"] == 64
+    packed, unpacked = r["rows"]
+    assert packed["packing"] and not unpacked["packing"]
+    assert r["padding_fraction"] == packed["padding_fraction"]
+    assert 0 <= packed["padding_fraction"] < 0.1 < unpacked["padding_fraction"]
 
 
 def test_gpu_check_syntax_and_dry_run(tmp_path: Path) -> None:
