@@ -305,7 +305,8 @@ def memory_probe(trainer: Any, micro: list[Batch], acc: Any) -> dict[str, float]
 
 
 def run_bench(args: argparse.Namespace, trainer: Any, other: Any = None) -> dict[str, Any]:
-    """Time ``trainer`` (and the plain loop, or a second trainer ``other``) on the same batches."""
+    """Time ``trainer`` (and the plain loop, or a second trainer ``other``) on the same batches;
+    ``other`` gets batches from its own loader when its data settings differ (e.g. packing)."""
     from lang_jepa.metrics import peak_flops, step_flops
     from lang_jepa.trainer import Accumulators
 
@@ -327,9 +328,13 @@ def run_bench(args: argparse.Namespace, trainer: Any, other: Any = None) -> dict
     ]
     if plain is not None:
         runners.append(("plain", plain.train_step))
+    data_vs = data
     if other is not None:
         acc_vs = Accumulators.zeros(dev)
         runners.append(("vs", lambda micro: other.train_step(micro, acc_vs)))
+        if other.cfg.data != cfg.data:
+            data_vs = preload(other, len(data))
+    vs_tokens: list[float] = []
     times: dict[str, list[float]] = {name: [] for name, _ in runners}
     phases: dict[str, list[dict[str, float]]] = {name: [] for name, _ in runners}
     tokens: list[float] = []
@@ -337,12 +342,13 @@ def run_bench(args: argparse.Namespace, trainer: Any, other: Any = None) -> dict
     recompute = cfg.model.activation_checkpointing
     for i in range(warmup + steps):
         micro = data[i % len(data)]
+        micro_vs = data_vs[i % len(data_vs)]
         if i == warmup and on_gpu:
             torch.cuda.reset_peak_memory_stats(dev)
         for name, fn in runners if i % 2 == 0 else runners[::-1]:  # ABBA: no side always first
             sync()
             t0 = time.perf_counter()
-            fn(micro)
+            fn(micro_vs if name == "vs" else micro)
             sync()
             dt = time.perf_counter() - t0
             split = timer.take() if timer else {}
@@ -351,9 +357,13 @@ def run_bench(args: argparse.Namespace, trainer: Any, other: Any = None) -> dict
                 phases[name].append(split)
         if i >= warmup:
             tokens.append(sum(float(b["valid"].sum()) for b in micro))
+            vs_tokens.append(sum(float(b["valid"].sum()) for b in micro_vs))
             mf = [step_flops(trainer.model, b, recompute) for b in micro]
             flops.append((sum(float(m) for m, _ in mf), sum(float(h) for _, h in mf)))
     result = summarize(trainer, times, phases, tokens, flops, peak_flops(dev))
+    if other is not None:
+        result["vs_tokens_per_s"] = sum(vs_tokens) / sum(times["vs"])
+        result["vs_over_base_tokens_per_s"] = result["vs_tokens_per_s"] / result["tokens_per_s"]
     if args.profile:
         result["profile"] = {name: profile_step(fn, data[0], args.profile) for name, fn in runners}
     result.update(steps=steps, warmup=warmup, distinct_batches=len(data))
@@ -497,7 +507,9 @@ def print_report(result: dict[str, Any]) -> None:
         if "vs_over_base_ratio" in result:
             rows += [
                 (f"vs {' '.join(s['vs'])} step ms", common.fmt(result["vs_step_ms"], ".1f")),
-                ("vs / base", common.fmt(result["vs_over_base_ratio"], ".3f")),
+                ("vs / base step time", common.fmt(result["vs_over_base_ratio"], ".3f")),
+                ("vs tokens/s", common.fmt(result["vs_tokens_per_s"], ",.0f")),
+                ("vs / base tokens/s", common.fmt(result["vs_over_base_tokens_per_s"], ".3f")),
             ]
         for name, parts in (result.get("breakdown_ms") or {}).items():
             rows.append((f"{name} phases ms", ", ".join(f"{k} {v:.1f}" for k, v in parts.items())))
