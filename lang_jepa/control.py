@@ -42,8 +42,9 @@ class Accumulators:
 
     loss: Tensor  # sum of the finite micro-batch losses
     finite: Tensor  # how many micro-batch losses were finite
-    tokens: Tensor
-    samples: int = 0
+    tokens: Tensor  # valid (window) tokens
+    samples: int = 0  # windows
+    slots: int = 0  # token slots processed (valid + padding), from shapes: no sync
     micro_steps: int = 0
     model_flops: Tensor | float = 0.0
     t0: float = field(default_factory=time.perf_counter)

@@ -108,6 +108,7 @@ class Trainer:
             acc.finite += finite.float()
             acc.tokens += batch["valid"].sum()
             acc.samples += batch["doc_index"].shape[0]  # windows
+            acc.slots += batch["valid"].numel()
             acc.micro_steps += 1
             if self.ranks is not None and targets is not None:
                 self.ranks.add(targets, batch["tgt_sent_valid"])
@@ -236,6 +237,7 @@ class Trainer:
             "perf/tokens_per_s": float(sums[1]) / elapsed,
             "perf/samples_per_s": acc.samples * self.world / elapsed,
             "perf/step_ms": 1000.0 * elapsed / steps,
+            "perf/padding": 1.0 - float(sums[1]) / max(acc.slots * self.world, 1),
             "perf/tflops_per_gpu": flops_per_s / 1e12,
             "perf/mfu": None if peak is None else flops_per_s / peak,
             "mem/max_allocated_gb": engine.max_allocated_gb(self.dev),

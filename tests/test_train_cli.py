@@ -19,7 +19,7 @@ pytestmark = pytest.mark.engine
 SCALARS = [
     "train/loss", "train/lr", "train/wd", "train/ema_momentum", "train/grad_norm",
     "perf/tokens_per_s", "perf/samples_per_s", "perf/tflops_per_gpu", "perf/step_ms",
-    "repr/target_std", "repr/pred_std", "repr/effective_rank", "repr/pred_target_cos", "val/loss",
+    "perf/padding", "repr/target_std", "repr/pred_std", "repr/effective_rank", "repr/pred_target_cos", "val/loss",
 ]  # fmt: skip
 
 
@@ -54,6 +54,7 @@ def test_python_single_process_writes_run_dir_and_tensorboard(tmp_path, tiny_sha
     missing = [s for s in SCALARS if s not in scalars]
     assert not missing, f"missing TensorBoard scalars: {missing}"
     assert all(v > 0 for v in scalars["perf/tokens_per_s"])
+    assert all(0 <= v < 0.2 for v in scalars["perf/padding"])  # packed train batches
     evals = [s for s in scalars if s.startswith("eval/")]
     assert "eval/retrieval_top1" in evals and "eval/shuffled_loss_ratio" in evals
     assert len(scalars["eval/retrieval_top1"]) == 2  # steps 5 and 10
