@@ -45,8 +45,9 @@ class Segments:
     """Block-diagonal attention over a packed batch: tokens attend only within their segment.
 
     ``cu_seqlens`` [n + 1] (int32, on the batch's device) are the segment boundaries over the
-    ``total`` flattened ``B x N`` tokens of a stream (every token in exactly one segment, none
-    empty); ``max_len`` is the longest segment. On CUDA in fp16/bf16, attention runs as one flash
+    ``total`` flattened ``B x N`` tokens of a stream: every token in exactly one segment (padding
+    too: ``varlen_attn``'s backward returns NaN gradients for tokens past ``cu_seqlens[-1]``,
+    pytorch/pytorch#176793), none empty; ``max_len`` is the longest segment. On CUDA in fp16/bf16, attention runs as one flash
     ``varlen_attn`` call over the unpadded tokens. Elsewhere (CPU, fp32) the segments are gathered
     into a ``[n, max_len]`` padded batch for SDPA and scattered back; the indices for that are
     built here once per forward, shared by every layer, without a host sync.
