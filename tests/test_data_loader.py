@@ -86,6 +86,15 @@ def test_batches_are_windows_of_one_document(shard_dir: Path, packing: bool):
         assert len(windows) == len(batch["doc_index"])
         assert batch["input_ids"].shape == ((1, budget) if packing else (4, cfg.model.seq_len))
         assert sum(map(len, windows)) == int(batch["valid"].sum())
+        if packing:  # segments cover every token of each stream, none empty, max is the max
+            for stream, key in (
+                ("full", "input_ids"),
+                ("ctx", "ctx_index"),
+                ("pred", "pred_order"),
+            ):
+                lengths = batch[f"cu_{stream}"].diff()
+                assert int(batch[f"cu_{stream}"][-1]) == batch[key].numel()
+                assert int(lengths.min()) > 0 and int(lengths.max()) == batch[f"max_{stream}"]
         for ids, doc_index in zip(windows, batch["doc_index"].tolist(), strict=True):
             doc, n = docs[doc_index], len(ids)
             assert 0 < n <= cfg.model.seq_len
