@@ -117,5 +117,5 @@ class PlainLoop:
         with self._phase("ema"):  # 5. EMA update of the target encoder
             frags = [[(0, p.detach().reshape(-1))] for p in self.model.encoder.parameters()]
             momentum = schedules.ema_momentum(self.step, max_steps, cfg.optim)
-            ema_update(list(self.target.parameters()), frags, momentum, None)
+            ema_update(list(self.target.parameters()), frags, momentum)
         self.step += 1

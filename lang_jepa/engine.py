@@ -2,7 +2,7 @@
 
 Distributed start-up (with or without a launcher), the engine config filled from ours (the HF
 Trainer's ``"auto"`` convention), parameter groups and optimizer, schedule application, and the
-fp32 master-weight fragments the EMA update reads under ZeRO-0..3.
+fp32 master-weight fragments the EMA update reads under ZeRO-0..3 and the all-gathers it uses.
 """
 
 from __future__ import annotations
@@ -225,6 +225,21 @@ def dp_all_reduce(tensor: Tensor) -> None:
     """Sum over every rank, in place (data parallelism is the only parallelism here)."""
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(tensor)
+
+
+def dp_all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in rank order."""
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def dp_all_gather_into_tensor(output: Tensor, local: Tensor) -> None:
+    """``output`` [world * n] <- every rank's ``local`` [n], in rank order. ``local`` may be this
+    rank's slice of ``output`` (in place, as ZeRO gathers; gloo and NCCL both accept it)."""
+    # torch 2.13 renamed all_gather_into_tensor (now deprecated) to all_gather_single
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(output, local)
 
 
 def all_reduce_mean(values: Tensor) -> Tensor:

@@ -13,9 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 TRAIN_BENCH = REPO / "benchmarks" / "train_bench.py"
 LOADER_BENCH = REPO / "benchmarks" / "loader_bench.py"
+EMA_BENCH = REPO / "benchmarks" / "ema_bench.py"
 GPU_CHECK = REPO / "benchmarks" / "gpu_check.sh"
 pytestmark = pytest.mark.engine
 
@@ -68,6 +71,23 @@ def test_loader_bench_json(tiny_shards: Path, tmp_path: Path) -> None:
     assert packed["packing"] and not unpacked["packing"]
     assert r["padding_fraction"] == packed["padding_fraction"]
     assert 0 <= packed["padding_fraction"] < 0.1 < unpacked["padding_fraction"]
+
+
+def test_ema_bench_json(tmp_path: Path) -> None:
+    """Two ranks, a real ZeRO-2 layout of the tiny encoder: the owned slices tile it, and the
+    all-gather sends between 1/2 and 1/1 of the all-reduce's bytes."""
+    out = tmp_path / "ema.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           f"--master_port={free_port()}", str(EMA_BENCH), "--preset", "tiny", "--reps", "2",
+           "--json", str(out)]  # fmt: skip
+    env = {**_env(), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    r = json.loads(out.read_text())
+    assert r["world"] == 2 and sum(r["owned_numel_per_rank"]) == r["encoder_numel"]
+    assert r["longest_stream"] == max(r["owned_numel_per_rank"])
+    assert 1.0 <= r["bytes_ratio_old_over_new"] <= 2.0
+    assert _positive(r["old_ms_median"]) and _positive(r["new_ms_median"])
 
 
 def test_gpu_check_syntax_and_dry_run(tmp_path: Path) -> None:

@@ -59,6 +59,16 @@ def ema_recurrence(result: dict) -> dict[str, torch.Tensor]:
     return target
 
 
+def ema_lerp_recurrence(result: dict) -> dict[str, torch.Tensor]:
+    """The same recurrence as ``T.lerp_(W_k+1, 1 - m_k)`` on whole tensors, the op the update
+    applies (each element once, by the rank that owns it): the target must match it bit for bit."""
+    target = {k: v.clone() for k, v in result["online"][0].items()}
+    for m, online in zip(result["momenta"], result["online"][1:], strict=True):
+        for k in target:
+            target[k].lerp_(online[k], 1 - m)
+    return target
+
+
 def assert_same(a: dict, b: dict, atol: float = 0.0) -> None:
     assert a.keys() == b.keys()
     for k in a:
@@ -76,6 +86,7 @@ def test_loss_falls_ema_and_ranks_agree(tmp_path, tiny_shards, stage, ranks):
         # the EMA target equals the momentum recurrence over the fp32 master weights
         for k, expected in ema_recurrence(r).items():
             torch.testing.assert_close(r["target"][k], expected, rtol=1e-5, atol=1e-6)
+        assert_same(r["target"], ema_lerp_recurrence(r))
     if ranks == 2:
         assert results[0]["losses"] != [] and results[1]["world"] == 2
         assert_same(results[0]["target"], results[1]["target"])
