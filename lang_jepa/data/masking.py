@@ -7,7 +7,8 @@ The three steps, each testable with plain tensors:
 2. :func:`mask_indices` (sentence offsets, blocks) -> context token indices, target token indices
    and the target-sentence slot of every target token. Context and targets are disjoint and cover
    the window; the context encoder receives only ``ctx_index`` tokens, never a target token.
-3. :func:`collate` pads a list of masked windows into the batch contract (see its docstring).
+3. :func:`collate_rows` lays masked windows out as the batch contract (see
+   :func:`collate_arrays`): one window per row, or several per row with their segment bounds.
 
 :func:`window_generator` derives each window's generator from (seed, epoch, document, window
 number) by hashing, so a window's mask does not depend on worker count or on what came before it.
@@ -257,16 +258,16 @@ def collate_arrays(
     lens = np.array([sum(r) for r in win_lens], dtype=np.int64)
     doc_index = np.array([w.doc_index for row in rows for w, _ in row], dtype=np.int64)
     batch: dict[str, np.ndarray | int] = {
-        "input_ids": (input_ids),
-        "valid": (ar[None, :] < lens[:, None]),
-        "position_ids": (position_ids),
-        "ctx_index": (ctx_index),
-        "ctx_valid": (ar[None, :nc] < n_ctx[:, None]),
-        "tgt_index": (tgt_index),
-        "tgt_valid": (ar[None, :nt] < n_tgt[:, None]),
-        "tgt_sent": (tgt_sent),
-        "tgt_sent_valid": (np.arange(n_sents.max())[None, :] < n_sents[:, None]),
-        "doc_index": (doc_index),
+        "input_ids": input_ids,
+        "valid": ar[None, :] < lens[:, None],
+        "position_ids": position_ids,
+        "ctx_index": ctx_index,
+        "ctx_valid": ar[None, :nc] < n_ctx[:, None],
+        "tgt_index": tgt_index,
+        "tgt_valid": ar[None, :nt] < n_tgt[:, None],
+        "tgt_sent": tgt_sent,
+        "tgt_sent_valid": np.arange(n_sents.max())[None, :] < n_sents[:, None],
+        "doc_index": doc_index,
     }
     if packed:
         pred_lens = [
