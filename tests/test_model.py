@@ -205,3 +205,39 @@ def test_compiled_blocks_match_eager(tiny_shards):
         torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
         for (name, p), q in zip(model.named_parameters(), compiled.parameters(), strict=True):
             torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_varlen_branch_passes_what_varlen_attn_expects(tiny_shards, monkeypatch):
+    """The CUDA branch of packed attention, run on CPU against a reference ``varlen_attn``: it must
+    get q/k/v [T, H, hd] contiguous, int32 cu_seqlens covering every token, the true longest
+    segment, and its output must land where the padded path's does."""
+    from lang_jepa.models import layers
+
+    _, model, target, batch, _ = setup_batch(tiny_shards)
+    model.eval()
+    with torch.no_grad():
+        expected = model(batch), compute_targets(target, batch, None)
+    calls = []
+
+    def reference(q, k, v, cu_q, cu_k, max_q, max_k):
+        assert q.dim() == 3 and q.is_contiguous() and k.shape == v.shape == q.shape
+        assert cu_q is cu_k and cu_q.dtype == torch.int32 and int(cu_q[-1]) == q.shape[0]
+        lengths = cu_q.diff().tolist()
+        assert max_q == max_k == max(lengths) and min(lengths) > 0
+        out = [
+            torch.nn.functional.scaled_dot_product_attention(
+                *(t[a:b].transpose(0, 1) for t in (q, k, v))
+            ).transpose(0, 1)
+            for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), strict=True)
+        ]
+        calls.append(q.shape[0])
+        return torch.cat(out)
+
+    monkeypatch.setattr(layers, "varlen_attn", reference)
+    monkeypatch.setattr(layers, "use_varlen", lambda q, dropout: True)
+    with torch.no_grad():
+        got = model(batch), compute_targets(target, batch, None)
+    # every layer of the context encoder, the target encoder and the predictor took the branch
+    assert len(calls) == 2 * model.encoder.depth + model.predictor.depth
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

@@ -73,10 +73,16 @@ class Segments:
 Mask = Tensor | Segments | None
 
 
+def use_varlen(q: Tensor, dropout: float) -> bool:
+    """Whether :func:`segment_attention` takes flash ``varlen_attn``: CUDA, fp16/bf16, no dropout
+    (varlen_attn has none: the padded path handles it)."""
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    return varlen_attn is not None and q.is_cuda and half and dropout == 0.0
+
+
 def segment_attention(q: Tensor, k: Tensor, v: Tensor, seg: Segments, dropout: float) -> Tensor:
     """Attention of q, k, v [T, H, hd] (flattened tokens) within each segment -> [T, H, hd]."""
-    flash = varlen_attn is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
-    if flash and dropout == 0.0:  # varlen_attn has no dropout: the padded path handles it
+    if use_varlen(q, dropout):
         cu = seg.cu_seqlens
         return varlen_attn(q, k, v, cu, cu, seg.max_len, seg.max_len)
     n, m = seg.pad_index.shape
