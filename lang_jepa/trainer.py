@@ -333,7 +333,12 @@ class Trainer:
         state = checkpoint.load(self.eng, ckpt_dir, tag, self.target)
         self.step = int(state["step"])
         if self.loader is not None and state.get("loader") is not None:
-            self.loader.load_state_dict(state["loader"])
+            try:
+                self.loader.load_state_dict(state["loader"])
+            except ValueError as err:
+                raise checkpoint.CheckpointError(
+                    f"{ckpt_dir / tag}: {err} (or start afresh: train.resume=none)"
+                ) from err
         checkpoint.set_rng_state(state["rng"])
 
     @property

@@ -138,6 +138,7 @@ def test_resume_gives_exactly_the_next_batches(
     )
     reference = build_train_loader(cfg, rank=1, world_size=2)
     expected = [next(reference) for _ in range(12)]
+    assert reference.epoch >= 1 or workers == 2  # batches 7-12 cross an epoch end (and a drain)
     reference.close()
     first = build_train_loader(cfg, rank=1 if own_state else 0, world_size=2)
     for _ in range(7):
@@ -172,12 +173,31 @@ def test_packing_places_every_window_once_within_the_budget(tiny_shards: Path):
     assert lateness == sorted(lateness)
 
 
-def test_resume_refuses_another_worker_count(shard_dir: Path):
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("data.num_workers=2", "num_workers"),
+        ("data.packing=false", "packing"),
+        ("data.micro_batch_size=3", "micro_batch"),
+        ("model.seq_len=32", "seq_len"),
+        ("data.shuffle_buffer=7", "shuffle_buffer"),
+    ],
+)
+def test_resume_refuses_other_stream_settings(shard_dir: Path, override: str, key: str):
     loader = build_train_loader(_cfg(shard_dir), rank=0, world_size=1)
     next(loader)
-    other = build_train_loader(_cfg(shard_dir, "data.num_workers=2"), rank=0, world_size=1)
-    with pytest.raises(ValueError, match="num_workers"):
+    other = build_train_loader(_cfg(shard_dir, override), rank=0, world_size=1)
+    with pytest.raises(ValueError, match=key):
         other.load_state_dict(loader.state_dict())
+
+
+def test_resume_refuses_a_state_counting_windows(shard_dir: Path):
+    """States from before packing counted windows per worker, not batches: refused, not misread."""
+    loader = build_train_loader(_cfg(shard_dir), rank=0, world_size=1)
+    next(loader)
+    old = {k: v for k, v in loader.state_dict().items() if k != "position_unit"}
+    with pytest.raises(ValueError, match="position_unit=None"):
+        build_train_loader(_cfg(shard_dir), rank=0, world_size=1).load_state_dict(old)
 
 
 def test_masks_and_order_depend_on_the_seed(shard_dir: Path):

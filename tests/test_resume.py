@@ -159,6 +159,9 @@ def test_resume_errors_are_loud(tmp_path, tiny_shards):
     # another number of ranks: a clear message, no silent fresh start
     other = run(command(run_dir, tiny_shards, 1))
     assert other.returncode != 0 and "written by 2 ranks, this run has 1" in other.stderr
+    # another batching: the saved data position cannot be restored exactly, said before training
+    packing = run(command(run_dir, tiny_shards, 2, "data.packing=false"))
+    assert packing.returncode != 0 and "packing=True, this run has False" in packing.stderr
     # a checkpoint path that is not one
     missing = run(command(run_dir, tiny_shards, 2, f"train.resume={tmp_path / 'nowhere'}"))
     assert missing.returncode != 0 and "no checkpoint there" in missing.stderr

@@ -283,26 +283,37 @@ class TrainLoader:
             total.add(WindowCounters(**c))
         return {**total.as_dict(), "epoch": self.epoch, "batches": self._batches}
 
-    def state_dict(self) -> dict[str, Any]:
-        """Small JSON-able position: batch count and each worker's (epoch, offset)."""
+    def _stream_settings(self) -> dict[str, Any]:
+        """What the saved positions depend on: the same values are needed to restore them."""
+        spec = self.spec
         return {
+            "position_unit": "batches",  # per worker: (epoch, batches yielded in that epoch)
+            "world_size": self.world_size,
+            "num_workers": self.num_workers,
+            "seed": spec.seed,
+            "seq_len": spec.seq_len,
+            "micro_batch": spec.micro_batch,
+            "min_sentences": spec.min_sentences,
+            "shuffle_buffer": spec.shuffle_buffer,
+            "packing": spec.packing,
+            "pack_pool": PACK_POOL * spec.micro_batch if spec.packing else 0,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Small JSON-able position: batch count, each worker's (epoch, offset) and the settings
+        the positions depend on."""
+        return {
+            **self._stream_settings(),
             "batches": self._batches,
             "epoch": self.epoch,
             "rank": self.rank,
-            "world_size": self.world_size,
-            "num_workers": self.num_workers,
-            "seed": self.spec.seed,
             "positions": {str(w): list(p) for w, p in sorted(self._positions.items())},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a position saved by :meth:`state_dict` (same world size and num_workers)."""
-        mine = {
-            "world_size": self.world_size,
-            "num_workers": self.num_workers,
-            "seed": self.spec.seed,
-        }
-        for key, value in mine.items():
+        """Restore a position saved by :meth:`state_dict`; ValueError, naming the setting, if one
+        the positions depend on differs (world size, workers, seed, windows, batching)."""
+        for key, value in self._stream_settings().items():
             if state.get(key) != value:
                 raise ValueError(
                     f"loader state was saved with {key}={state.get(key)}, this run has {value}: "
