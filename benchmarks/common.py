@@ -204,7 +204,7 @@ RUNS = ("base", "base_ac", "large", "large_ac", "xl_offload")
 def summarize_dir(out_dir: Path) -> dict[str, Any]:
     """gpu_check.sh's results against issue 6's targets: a table, and summary.json."""
     runs: dict[str, Any] = {}
-    for name in (*RUNS, "paths"):
+    for name in (*RUNS, "paths", "pack_vs"):
         path = out_dir / f"{name}.json"
         runs[name] = json.loads(path.read_text()) if path.is_file() else None
     f = fmt
@@ -237,6 +237,8 @@ def summarize_dir(out_dir: Path) -> dict[str, Any]:
             runs["xl_offload"] is not None,
         ),
         "flash SDPA taken with no mask": (None, ok.get("flash_sdpa_no_mask")),
+        "packed attention = per-window attention": (None, ok.get("packed_matches_windows")),
+        "flash varlen taken for packed batches": (None, ok.get("flash_varlen_packed")),
         "bf16 engine": (None, ok.get("bf16_engine")),
         "FusedAdam is engine.basic_optimizer": (None, ok.get("fused_adam")),
     }
@@ -244,10 +246,15 @@ def summarize_dir(out_dir: Path) -> dict[str, Any]:
     for label, (value, met) in checks.items():
         shown = f(value, ".3g") if isinstance(value, float) else f(value)
         print(f"{label:<48} {shown:>7}   {f(met)}")
+    pack_vs = get("pack_vs", "vs_over_base_tokens_per_s")
+    if pack_vs:
+        preset = runs["pack_vs"]["settings"]["preset"]
+        print(f"packed / unpacked tokens/s, {preset}, interleaved: {1.0 / pack_vs:.2f}x")
     syncs = (runs["paths"] or {}).get("checks", {}).get("host_syncs_per_step")
     if syncs:
         print(f"host syncs in one train step: {syncs['count']} {syncs['by_line']}")
     summary = {"runs": runs, "activation_memory_ratio_large": act_ratio,
+               "packed_over_unpacked_tokens_per_s": 1.0 / pack_vs if pack_vs else None,
                "targets": {k: {"value": v, "met": m} for k, (v, m) in checks.items()}}  # fmt: skip
     write_json(out_dir / "summary.json", summary)
     return summary

@@ -16,6 +16,7 @@
 #   large       `large` without it (activation memory ratio = large / large_ac)
 #   xl_offload  `xl` (~1.3B) with ds_configs/zero3_offload.json for a few steps: fits on one GPU?
 #   base_ac     `base` with activation checkpointing (if time is left)
+#   pack_vs     `base` packed against unpacked batches, interleaved: tokens/s ratio (if time is left)
 #   summary     one table against issue 6's targets; $OUT/summary.json
 # Batches are synthetic (random tokens, demo-like sentence lengths) through the real masking and
 # collate, so the machine needs no corpus. GPU_CHECK_BUDGET_S (default 460) bounds the total.
@@ -27,7 +28,7 @@ case "${1:-}" in
   "") ;;
   --dry-run) MODE=dry ;;
   --cpu-smoke) MODE=cpu ;;
-  -h | --help) sed -n '2,22p' "$0"; exit 0 ;;
+  -h | --help) sed -n '2,23p' "$0"; exit 0 ;;
   *) echo "gpu_check.sh: unknown option $1 (--dry-run | --cpu-smoke)" >&2; exit 2 ;;
 esac
 
@@ -143,6 +144,8 @@ step xl_offload 240 "$PY" "$BENCH" --preset "$XL" --synthetic --ds-config "$XL_D
   "${XL_RUN[@]}" --json "$OUT_DIR/xl_offload.json"
 step base_ac 100 "$PY" "$BENCH" --preset "$BASE" --synthetic --activation-checkpointing \
   "${RUN[@]}" --json "$OUT_DIR/base_ac.json"
+step pack_vs 100 "$PY" "$BENCH" --preset "$BASE" --synthetic --no-activation-checkpointing \
+  --vs data.packing=false "${RUN[@]}" --json "$OUT_DIR/pack_vs.json"
 
 # --- summary ----------------------------------------------------------------------------------
 if [ "$MODE" = dry ]; then

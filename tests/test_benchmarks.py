@@ -96,7 +96,8 @@ def test_gpu_check_syntax_and_dry_run(tmp_path: Path) -> None:
     proc = subprocess.run(["bash", str(GPU_CHECK), "--dry-run"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=30)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    for name in ("paths", "base", "large_ac", "large", "xl_offload", "base_ac", "summary"):
+    steps = ("paths", "base", "large_ac", "large", "xl_offload", "base_ac", "pack_vs", "summary")
+    for name in steps:
         assert f"[{name}]" in proc.stdout
     assert "--preset xl" in proc.stdout and "zero3_offload.json" in proc.stdout
     assert not (tmp_path / "dry").exists()  # a dry run runs and writes nothing
@@ -122,4 +123,6 @@ def test_gpu_check_cpu_smoke(tmp_path: Path) -> None:
         assert _positive(r["tokens_per_s"]) and _positive(r["step_ms"])
     summary = json.loads((out / "summary.json").read_text())
     assert "base MFU >= 50%" in summary["targets"]
+    assert summary["targets"]["packed attention = per-window attention"]["met"] is True
+    assert summary["packed_over_unpacked_tokens_per_s"] > 0
     assert "target" in proc.stdout and "xl_offload" in proc.stdout
