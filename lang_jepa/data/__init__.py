@@ -1,9 +1,9 @@
-"""Shards to batches: windows of whole sentences, pure-function masking, resumable loaders.
+"""Shards to batches: windows of whole sentences, pure-function masking, packing, resumable loaders.
 
 Entry points for the trainer: :func:`build_train_loader` (endless, resumable via
-``state_dict()`` / ``load_state_dict()``) and :func:`build_val_loader` (``train.val_batches``
-deterministic batches per rank). The batch contract is documented in
-:func:`lang_jepa.data.masking.collate`.
+``state_dict()`` / ``load_state_dict()``; packed batches by default) and :func:`build_val_loader`
+(``train.val_batches`` deterministic batches per rank, one window per row). The batch contract is
+documented in :func:`lang_jepa.data.masking.collate_arrays`.
 """
 
 from lang_jepa.data.loader import TrainLoader, ValLoader, build_train_loader, build_val_loader
