@@ -31,11 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from lang_jepa.checkpoint import CheckpointError
     from lang_jepa.config import ConfigError, load_config
-    from lang_jepa.trainer import NonFiniteLoss, RepresentationCollapse, run, setup
+    from lang_jepa.trainer import NonFiniteLoss, RepresentationCollapse, Trainer, run
 
     try:
         cfg = load_config(args.config, args.overrides)
-        trainer = setup(cfg, args.deepspeed_config)
+        trainer = Trainer.build(cfg, args.deepspeed_config)
     except (ConfigError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

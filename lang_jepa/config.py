@@ -105,7 +105,7 @@ class TrainConfig:
     max_steps: int = 10000  # optimizer steps
     global_batch_size: int = 0  # 0: micro_batch_size * world_size * grad_accum_steps
     grad_accum_steps: int = 1
-    precision: str = "bf16"  # bf16 | fp32
+    precision: str = "auto"  # auto | bf16 | fp32 (auto: bf16 where the GPU or CPU has it natively)
     seed: int = 0
     resume: str = "auto"  # auto | none | a checkpoint path
     log_interval: int = 10
@@ -139,7 +139,7 @@ class EvalConfig:
 
 @dataclass
 class Config:
-    objective: str = "jepa"  # jepa | mlm (the same-size, same-data masked-LM control)
+    objective: str = "jepa"  # a name in lang_jepa.objectives.OBJECTIVES: jepa | mlm (the control)
     model: ModelConfig = field(default_factory=ModelConfig)
     predictor: PredictorConfig = field(default_factory=PredictorConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -217,7 +217,13 @@ def validate(cfg: Config) -> None:
         "need 0 < min_block_frac <= max_block_frac < 1",
     )
     _check(0 <= mk.min_context_frac < 1, "mask.min_context_frac", "must be in [0, 1)")
-    _check(cfg.objective in ("jepa", "mlm"), "objective", f"{cfg.objective!r} is not jepa | mlm")
+    from .objectives import OBJECTIVES  # the registry (imported here: it imports this module)
+
+    _check(
+        cfg.objective in OBJECTIVES,
+        "objective",
+        f"{cfg.objective!r} is not one of {' | '.join(OBJECTIVES)}",
+    )
     _check(0 < cfg.loss.mlm_prob < 1, "loss.mlm_prob", "must be in (0, 1)")
     _check(
         cfg.loss.type in ("smooth_l1", "l2", "cosine"), "loss.type", f"{cfg.loss.type!r} unknown"
@@ -228,7 +234,9 @@ def validate(cfg: Config) -> None:
         0 <= o.ema_start <= o.ema_end <= 1, "optim.ema_end", "need 0 <= ema_start <= ema_end <= 1"
     )
     _check(
-        t.precision in ("bf16", "fp32"), "train.precision", f"{t.precision!r} is not bf16 | fp32"
+        t.precision in ("auto", "bf16", "fp32"),
+        "train.precision",
+        f"{t.precision!r} is not auto | bf16 | fp32",
     )
     _check(t.max_steps > 0, "train.max_steps", "must be positive")
     _check(t.grad_accum_steps >= 1, "train.grad_accum_steps", "must be >= 1")

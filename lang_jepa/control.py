@@ -1,16 +1,17 @@
-"""Run control for the training loop: exit codes, failures, stop signals, device-side sums."""
+"""Run control for the training loop: exit codes, failures, stop signals, and the one
+all-reduce per step on which every rank agrees whether the step counts and whether to stop."""
 
 from __future__ import annotations
 
+import logging
 import signal
-import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: checkpoint written after SIGTERM/SIGUSR1; pretrain.sh requeues
-FAULT_NAN_ENV = "LANG_JEPA_FAULT_NAN_STEP"  # test-only fault injection: NaN loss at this step
+log = logging.getLogger("lang_jepa")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -36,20 +37,52 @@ class StopRequest:
         self.signum = signum
 
 
-@dataclass
-class Accumulators:
-    """Sums kept on the device between logging steps (no host sync in the hot loop)."""
+class StepAgreement:
+    """Per optimizer step, one all-reduce of (non-finite losses seen, stop signal received) so
+    that every rank takes the same decision: apply the step or not (``train.nonfinite``: stop
+    raises :class:`NonFiniteLoss`, skip counts the step up to ``max_skipped``), and stop at this
+    step boundary or not (:attr:`stop_agreed`)."""
 
-    loss: Tensor  # sum of the finite micro-batch losses
-    finite: Tensor  # how many micro-batch losses were finite
-    tokens: Tensor  # valid (window) tokens
-    samples: int = 0  # windows
-    slots: int = 0  # token slots processed (valid + padding), from shapes: no sync
-    micro_steps: int = 0
-    model_flops: Tensor | float = 0.0
-    t0: float = field(default_factory=time.perf_counter)
+    def __init__(
+        self,
+        policy: str,
+        max_skipped: int,
+        all_reduce: Callable[[Tensor], None],
+        last_good: Callable[[], str],
+        dev: torch.device,
+    ) -> None:
+        self.policy, self.max_skipped, self.all_reduce = policy, max_skipped, all_reduce
+        self.last_good, self.dev = last_good, dev
+        self.stop = StopRequest()
+        self.stop_agreed = False
+        self.skipped_steps = 0
 
-    @classmethod
-    def zeros(cls, dev: torch.device) -> Accumulators:
-        zero = lambda: torch.zeros((), device=dev)  # noqa: E731
-        return cls(loss=zero(), finite=zero(), tokens=zero())
+    def agree(self, step: int, nonfinite: Tensor, step_was_applied: Callable[[], bool]) -> bool:
+        """Returns whether optimizer step ``step`` was applied (the same on every rank)."""
+        flags = torch.stack(
+            [nonfinite, torch.tensor(float(self.stop.signum is not None), device=self.dev)]
+        )
+        self.all_reduce(flags)
+        bad, stop = (float(x) for x in flags.tolist())
+        self.stop_agreed = self.stop_agreed or stop > 0
+        if bad == 0:
+            return True
+        if self.policy == "stop":
+            raise NonFiniteLoss(
+                f"non-finite loss at step {step}; stopping. The last good checkpoint is "
+                f"{self.last_good()} (train.nonfinite=skip skips such steps)"
+            )
+        if step_was_applied():
+            raise NonFiniteLoss(
+                f"non-finite loss at step {step} and DeepSpeed applied the update anyway "
+                "(no overflow check in this engine configuration)"
+            )
+        self.skipped_steps += 1
+        log.warning(
+            "non-finite loss at step %d: step skipped (%d so far)", step, self.skipped_steps
+        )
+        if self.skipped_steps > self.max_skipped:
+            raise NonFiniteLoss(
+                f"{self.skipped_steps} steps skipped for non-finite losses (step {step})"
+            )
+        return False

@@ -1,18 +1,25 @@
-"""Metrics in one place: FLOPs per step, MFU against a per-device peak table, TensorBoard writer,
-the console line, and the effective-rank window."""
+"""Metrics in one place: FLOPs of a token stream, MFU against a per-device peak table, the
+effective rank, the collapse alarm, and :class:`TrainMetrics`, the one owner of what a run logs
+(device-side sums between logging steps, the RankMe window, TensorBoard, ``metrics.jsonl`` and
+the console line)."""
 
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import math
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .objective import JEPA, effective_rank
+from . import engine, schedules
+from .config import Config
+from .models.layers import matmul_params
 
 log = logging.getLogger("lang_jepa")
 
@@ -45,11 +52,11 @@ def peak_flops(device: torch.device) -> float | None:
     return None
 
 
-def _stream_flops(module: Any, batch: dict[str, Any], stream: str, lengths: Tensor) -> Tensor:
+def stream_flops(module: Any, batch: dict[str, Any], stream: str, lengths: Tensor) -> Tensor:
     """Forward FLOPs of a block stack over one token stream: matmuls for each valid token
     (``lengths`` [B]: valid tokens per row), attention over each sequence's own length: the rows,
     or in a packed batch the segments (whose padding-tail pieces add < 0.5% at demo fill)."""
-    matmuls = 2.0 * _matmuls(module) * lengths.sum()
+    matmuls = 2.0 * matmul_params(module.dim, module.depth, module.mlp_ratio) * lengths.sum()
     if f"cu_{stream}" in batch:
         cu = batch[f"cu_{stream}"].long()
         squares = (cu[1:] - cu[:-1]).float().pow(2).sum()
@@ -58,40 +65,16 @@ def _stream_flops(module: Any, batch: dict[str, Any], stream: str, lengths: Tens
     return matmuls + 4.0 * module.depth * module.dim * squares
 
 
-def step_flops(model: JEPA, batch: dict[str, Any], recompute: bool) -> tuple[Tensor, Tensor]:
-    """(model FLOPs, hardware FLOPs) of one micro-batch, counting valid tokens only.
-
-    Model FLOPs: context encoder + predictor forward and backward (3x forward) plus the target
-    encoder's forward over the full window; attention over each window's actual length. Hardware
-    FLOPs add the recomputed forward of activation checkpointing.
-    """
-    enc, pred = model.encoder, model.predictor
-    n_win = batch["valid"].sum(1).float()
-    n_ctx = batch["ctx_valid"].sum(1).float()
-    n_tgt = batch["tgt_valid"].sum(1).float()
-    enc_ctx = _stream_flops(enc, batch, "ctx", n_ctx)
-    enc_win = _stream_flops(enc, batch, "full", n_win)
-    pred_core = _stream_flops(pred, batch, "pred", n_ctx + n_tgt)
-    pred_io = 2.0 * enc.dim * pred.dim * (n_ctx.sum() + batch["tgt_sent_valid"].sum())
-    forward_trainable = enc_ctx + pred_core + pred_io
-    model_flops = 3.0 * forward_trainable + enc_win
-    hardware_flops = model_flops + forward_trainable if recompute else model_flops
-    return model_flops, hardware_flops  # 0-d tensors on the batch's device (no host sync)
-
-
-def mlm_step_flops(model: Any, batch: dict[str, Any], recompute: bool) -> tuple[Tensor, Tensor]:
-    """(model FLOPs, hardware FLOPs) of one MLM micro-batch: encoder forward and backward over the
-    full window plus the output head at the predicted positions."""
-    enc = model.encoder
-    enc_fwd = _stream_flops(enc, batch, "full", batch["valid"].sum(1).float())
-    head_fwd = 2.0 * enc.dim * model.head.out_features * batch["mlm_valid"].sum()
-    model_flops = 3.0 * (enc_fwd + head_fwd)
-    return model_flops, model_flops + enc_fwd if recompute else model_flops
-
-
-def _matmuls(module: Any) -> float:
-    hidden = int(module.dim * module.mlp_ratio)
-    return module.depth * (4 * module.dim * module.dim + 2 * module.dim * hidden)
+def effective_rank(z: Tensor) -> float:
+    """RankMe (Garrido et al. 2023): exp of the entropy of the normalised singular values of
+    z [N, D]; NaN for fewer than two rows."""
+    z = z.float()
+    if z.shape[0] < 2:
+        return math.nan
+    # same singular values; torch's CPU SVD of a wide matrix (N < D) is ~50x slower
+    s = torch.linalg.svdvals(z.T if z.shape[0] < z.shape[1] else z)
+    p = s / s.sum().clamp(min=1e-12) + 1e-12
+    return float(torch.exp(-(p * p.log()).sum()))
 
 
 class RankWindow:
@@ -165,3 +148,142 @@ def console_line(step: int, max_steps: int, s: dict[str, float | None]) -> str:
         parts.append(f"tgt_std {s['repr/target_std']:.3f}")
         parts.append(f"rank {s['repr/effective_rank']:.1f}")
     return " | ".join(parts)
+
+
+@dataclass
+class Accumulators:
+    """Sums kept on the device between logging steps (no host sync in the hot loop)."""
+
+    loss: Tensor  # sum of the finite micro-batch losses
+    finite: Tensor  # how many micro-batch losses were finite
+    tokens: Tensor  # valid (window) tokens
+    model_flops: Tensor  # model FLOPs of the micro-batches
+    samples: int = 0  # windows
+    slots: int = 0  # token slots processed (valid + padding), from shapes: no sync
+    micro_steps: int = 0
+    t0: float = field(default_factory=time.perf_counter)
+
+    @classmethod
+    def zeros(cls, dev: torch.device) -> Accumulators:
+        zero = lambda: torch.zeros((), device=dev)  # noqa: E731
+        return cls(loss=zero(), finite=zero(), tokens=zero(), model_flops=zero())
+
+    def add(self, loss: Tensor, batch: dict[str, Tensor], flops: Tensor) -> None:
+        """One micro-batch: its loss (a non-finite one counts as not finite), tokens and FLOPs."""
+        finite = torch.isfinite(loss.detach())
+        self.loss += torch.where(finite, loss.detach(), 0.0)
+        self.finite += finite.float()
+        self.tokens += batch["valid"].sum()
+        self.model_flops += flops
+        self.samples += batch["doc_index"].shape[0]  # windows
+        self.slots += batch["valid"].numel()
+        self.micro_steps += 1
+
+
+# Scalars every logging step reports, NaN when the objective has no sentence embeddings.
+REPR_DEFAULTS = ("repr/target_std", "repr/pred_std", "repr/pred_target_cos")
+
+
+class TrainMetrics:
+    """What a run logs, owned in one place: the device-side sums of the micro-batches since the
+    last logging step, the last micro-batch's representation statistics, the RankMe window, the
+    collapse alarm, and the outputs (TensorBoard on rank 0, ``logs/metrics.jsonl``, console).
+
+    Per micro-batch the trainer calls :meth:`add`; on a logging step :meth:`scalars` (one
+    all-reduce), :meth:`watch_collapse` (one all-reduce), :meth:`report` (rank 0 writes) and
+    :meth:`reset`.
+    """
+
+    def __init__(self, cfg: Config, dev: torch.device, rank: int, world: int, run_dir: Path):
+        self.cfg, self.dev, self.rank, self.world, self.run_dir = cfg, dev, rank, world, run_dir
+        e = cfg.eval
+        self.alarm = CollapseAlarm(
+            e.collapse_min_rank_frac * cfg.model.dim, e.collapse_min_target_std, e.collapse_patience
+        )
+        self.ranks = RankWindow(cfg.log.rankme_window)
+        self.writer = ScalarWriter(run_dir / "tb" if rank == 0 and cfg.log.tensorboard else None)
+        self.acc = Accumulators.zeros(dev)
+        self.monitors: dict[str, Tensor | float] = {}
+        self.history: list[dict[str, float]] = []
+
+    def add(self, loss: Tensor, batch: dict[str, Tensor], flops: Tensor, outputs: Any) -> None:
+        """One micro-batch's loss, tokens and FLOPs; its sentence targets join the RankMe window."""
+        self.acc.add(loss, batch, flops)
+        if outputs.targets is not None:
+            self.ranks.add(outputs.targets, outputs.valid)
+
+    def observe(self, monitors: dict[str, Tensor | float]) -> None:
+        """The objective's statistics of the step's last micro-batch (read on logging steps)."""
+        self.monitors = monitors
+
+    def scalars(self, step: int, eng: Any) -> dict[str, float | None]:
+        """Scalars for TensorBoard and the console after ``step`` optimizer steps (the only host
+        syncs of the loop)."""
+        acc, t, o = self.acc, self.cfg.train, self.cfg.optim
+        sums = torch.stack([acc.loss, acc.tokens, acc.finite])
+        engine.dp_all_reduce(sums)
+        elapsed = time.perf_counter() - acc.t0
+        steps = max(acc.micro_steps // t.grad_accum_steps, 1)
+        peak = peak_flops(self.dev)
+        flops_per_s = float(acc.model_flops) * self.world / elapsed
+        grad_norm = eng.get_global_grad_norm()
+        out: dict[str, float | None] = {
+            "train/loss": float(sums[0]) / max(float(sums[2]), 1.0),
+            "train/lr": schedules.learning_rate(step - 1, t.max_steps, o),
+            "train/wd": schedules.weight_decay(step - 1, t.max_steps, o),
+            "train/grad_norm": None if grad_norm is None else float(grad_norm),
+            "perf/tokens_per_s": float(sums[1]) / elapsed,
+            "perf/samples_per_s": acc.samples * self.world / elapsed,
+            "perf/step_ms": 1000.0 * elapsed / steps,
+            "perf/padding": 1.0 - float(sums[1]) / max(acc.slots * self.world, 1),
+            "perf/tflops_per_gpu": flops_per_s / 1e12,
+            "perf/mfu": None if peak is None else flops_per_s / peak,
+            "mem/max_allocated_gb": engine.max_allocated_gb(self.dev),
+        }
+        out.update(dict.fromkeys(REPR_DEFAULTS, math.nan))
+        out.update({k: float(v) for k, v in self.monitors.items()})
+        out["repr/effective_rank"] = self.ranks.effective_rank()
+        return out
+
+    def watch_collapse(self, step: int, scalars: dict[str, float | None]) -> bool:
+        """Feed the collapse alarm; a trip on any rank is agreed by all (one all-reduce). Sets
+        ``repr/collapse_alarm`` and returns True on the step the alarm trips."""
+        tripped = self.alarm.check(scalars["repr/effective_rank"], scalars["repr/target_std"])
+        flag = torch.tensor(float(tripped), device=self.dev)
+        engine.dp_all_reduce(flag)
+        scalars["repr/collapse_alarm"] = float(self.alarm.tripped or float(flag) > 0)
+        if float(flag) == 0:
+            return False
+        e = self.cfg.eval
+        log.warning(
+            "!" * 20 + " REPRESENTATION COLLAPSE at step %d: effective rank %.2f (alarm < %.2f), "
+            "target std %.4f (alarm < %.4f) for %d checks " + "!" * 20,
+            step,
+            scalars["repr/effective_rank"],
+            self.alarm.min_rank,
+            scalars["repr/target_std"],
+            e.collapse_min_target_std,
+            e.collapse_patience,
+        )
+        return True
+
+    def report(self, step: int, scalars: dict[str, float | None]) -> None:
+        """Rank 0: TensorBoard, one ``metrics.jsonl`` record and the console line."""
+        if self.rank != 0:
+            return
+        self.writer.write(step, scalars)
+        record = {"step": step, **{k: v for k, v in scalars.items() if v is not None}}
+        self.history.append(record)
+        with open(self.run_dir / "logs" / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        line = console_line(step, self.cfg.train.max_steps, scalars)
+        if "val/loss" in scalars:
+            line += f" | val {scalars['val/loss']:.4f}"
+        log.info(line)
+
+    def reset(self) -> None:
+        """Start the next logging interval's sums (the RankMe window and the alarm carry on)."""
+        self.acc = Accumulators.zeros(self.dev)
+
+    def close(self) -> None:
+        self.writer.close()

@@ -25,8 +25,10 @@ Train stream (:class:`TrainLoader`)
 
 Validation stream (:class:`ValLoader`)
     Exactly ``val_batches`` batches on every rank, deterministic (no shuffle, masks fixed by
-    ``train.seed``), built once and cached. A rank takes every ``world``-th window of the val
-    split and cycles them if it has too few.
+    ``train.seed``), built once and cached, one window per row, with ``sent_id`` (each token's
+    sentence number in its window) beside the batch contract. A rank takes every ``world``-th
+    window of the val split and cycles them if it has too few (``cycle=False``, what the offline
+    evaluation uses: each window once, at most ``n_batches`` batches).
 """
 
 from __future__ import annotations
@@ -344,17 +346,23 @@ class ValLoader:
     The cached tensors are returned on every iteration: do not modify them in place.
     """
 
-    def __init__(self, spec: StreamSpec, rank: int, world_size: int, n_batches: int) -> None:
+    def __init__(
+        self, spec: StreamSpec, rank: int, world_size: int, n_batches: int, cycle: bool = True
+    ) -> None:
         self.spec, self.rank, self.world_size, self.n_batches = spec, rank, world_size, n_batches
+        self.cycle = cycle  # False: at most n_batches, no window twice (the last may be short)
         self._cache: list[Batch] | None = None
 
     def __len__(self) -> int:
-        return self.n_batches
+        return len(self._batches())
 
     def __iter__(self) -> Iterator[Batch]:
+        return iter(self._batches())
+
+    def _batches(self) -> list[Batch]:
         if self._cache is None:
             self._cache = self._build()
-        return iter(self._cache)
+        return self._cache
 
     def _windows(self, need: int) -> list[Window]:
         """Every ``world``-th window of the split for this rank (all windows if it gets none)."""
@@ -376,12 +384,28 @@ class ValLoader:
     def _build(self) -> list[Batch]:
         b = self.spec.micro_batch
         windows = self._windows(self.n_batches * b)
-        batches = []
-        for i in range(self.n_batches):
-            chosen = [windows[(i * b + j) % len(windows)] for j in range(b)]
-            masks = [mask_window(w, self.spec.mask, self.spec.seed, "val") for w in chosen]
-            batches.append(collate(chosen, masks, self.spec.seq_len))
-        return batches
+        if not self.cycle:
+            n = min(self.n_batches, -(-len(windows) // b))
+            groups = [windows[i * b : (i + 1) * b] for i in range(n)]
+        else:
+            groups = [
+                [windows[(i * b + j) % len(windows)] for j in range(b)]
+                for i in range(self.n_batches)
+            ]
+        return [val_batch(chosen, self.spec) for chosen in groups]
+
+
+def val_batch(windows: list[Window], spec: StreamSpec) -> Batch:
+    """One window per row with its validation mask (fixed by the seed), plus ``sent_id`` [B, L]:
+    each token's sentence number in its window (-1 on padding)."""
+    masks = [mask_window(w, spec.mask, spec.seed, "val") for w in windows]
+    batch = collate(windows, masks, spec.seq_len)
+    sent_id = torch.full_like(batch["input_ids"], -1)
+    for row, w in enumerate(windows):
+        lens = torch.from_numpy(np.diff(w.offsets))
+        sent_id[row, : w.n_tokens] = torch.repeat_interleave(torch.arange(len(lens)), lens)
+    batch["sent_id"] = sent_id
+    return batch
 
 
 def build_train_loader(cfg: Config, rank: int, world_size: int) -> TrainLoader:

@@ -33,7 +33,7 @@ from lang_jepa.export import (
     zero0_module_states,
 )
 from lang_jepa.models import TextEncoder
-from lang_jepa.objective import JEPA, build_models
+from lang_jepa.objectives import JEPA, build_models
 
 log = logging.getLogger("lang_jepa.eval")
 

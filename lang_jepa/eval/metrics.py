@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lang_jepa.objective import effective_rank as _rankme
+from lang_jepa.metrics import effective_rank
 
 __all__ = [
     "RetrievalResult",
@@ -164,15 +164,6 @@ def probe_accuracy(features: np.ndarray, labels: np.ndarray, seed: int = 0, test
         "n_train": float(len(idx_train)),
         "n_test": float(len(idx_test)),
     }
-
-
-def effective_rank(z: Tensor) -> float:
-    """RankMe of z [N, D] (:func:`lang_jepa.objective.effective_rank`). A wide matrix (N < D) is
-    transposed first: same singular values, and torch's CPU SVD of a wide matrix is ~50x slower."""
-    z = z.float()
-    if z.shape[0] < 2:
-        return math.nan
-    return _rankme(z.T if z.shape[0] < z.shape[1] else z)
 
 
 def per_dim_std(z: Tensor) -> float:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from itertools import islice
 from typing import Any
 
 import torch
@@ -34,12 +33,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lang_jepa.config import Config, LossConfig
-from lang_jepa.data.loader import StreamSpec
-from lang_jepa.data.masking import collate, mask_window
-from lang_jepa.data.reader import document_windows
-from lang_jepa.data.windows import WindowCounters
+from lang_jepa.data.loader import StreamSpec, ValLoader
 from lang_jepa.models import TextEncoder, pool_by_slot
-from lang_jepa.objective import JEPA, gather_tokens, jepa_loss
+from lang_jepa.objectives import (
+    JEPA,
+    autocast_context,
+    gather_tokens,
+    jepa_loss,
+    pooled_targets,
+    target_features,
+)
 
 from .metrics import RetrievalResult, cosine_scores, effective_rank, health, retrieval_from_scores
 
@@ -48,24 +51,9 @@ METHODS = ("model", "shuffled", "copy_context", "copy_neighbour", "batch_mean")
 
 
 def eval_batches(cfg: Config, max_batches: int) -> list[Batch]:
-    """Deterministic validation batches (rank 0 of 1: the trainer's first val batches, without
-    cycling) with one extra key ``sent_id`` [B, L]: each token's sentence number in its window
-    (-1 on padding)."""
-    spec = StreamSpec.from_config(cfg, "val")
-    stream = document_windows(spec.shards, spec.seq_len, spec.min_sentences, WindowCounters())
-    windows = list(islice(stream, max_batches * spec.micro_batch))
-    batches = []
-    for start in range(0, len(windows), spec.micro_batch):
-        chosen = windows[start : start + spec.micro_batch]
-        masks = [mask_window(w, spec.mask, spec.seed, "val") for w in chosen]
-        batch = collate(chosen, masks, spec.seq_len)
-        sent_id = torch.full_like(batch["input_ids"], -1)
-        for row, w in enumerate(chosen):
-            lens = torch.from_numpy(w.offsets).diff()
-            sent_id[row, : w.n_tokens] = torch.repeat_interleave(torch.arange(len(lens)), lens)
-        batch["sent_id"] = sent_id
-        batches.append(batch)
-    return batches
+    """Deterministic validation batches: the trainer's validation loader for rank 0 of 1, each
+    window once (no cycling), with ``sent_id`` [B, L] (each token's sentence in its window)."""
+    return list(ValLoader(StreamSpec.from_config(cfg, "val"), 0, 1, max_batches, cycle=False))
 
 
 def shuffled_contexts(batches: list[Batch], seed: int = 0) -> tuple[list[Batch], float]:
@@ -101,28 +89,6 @@ def shuffled_contexts(batches: list[Batch], seed: int = 0) -> tuple[list[Batch],
             "ctx_valid": valid,
         })  # fmt: skip
     return out, same_doc / max(1, len(rows))
-
-
-def predict_from_context(model: JEPA, batch: Batch, ctx_ids: Tensor, ctx_pos: Tensor,
-                         ctx_valid: Tensor) -> Tensor:  # fmt: skip
-    """The predictor's output [B, S, D] for ``batch``'s targets given an arbitrary context."""
-    ctx = model.encoder(ctx_ids, ctx_pos, ctx_valid)
-    return model.predictor(
-        ctx, ctx_pos=ctx_pos, ctx_valid=ctx_valid,
-        tgt_pos=gather_tokens(batch["position_ids"], batch["tgt_index"]),
-        tgt_valid=batch["tgt_valid"], tgt_sent=batch["tgt_sent"],
-        n_slots=batch["tgt_sent_valid"].shape[1],
-    )  # fmt: skip
-
-
-def pooled_targets(feats: Tensor, batch: Batch) -> Tensor:
-    """Targets [B, S, D] from the target encoder's window features [B, L, D]: exactly
-    :func:`lang_jepa.objective.compute_targets` (a test checks it), sharing one forward pass."""
-    tokens = gather_tokens(feats.float(), batch["tgt_index"])
-    pooled = pool_by_slot(
-        tokens, batch["tgt_sent"], batch["tgt_valid"], batch["tgt_sent_valid"].shape[1]
-    )
-    return F.layer_norm(pooled, (pooled.shape[-1],))
 
 
 def window_sentences(feats: Tensor, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
@@ -185,14 +151,15 @@ def batch_predictions(model: JEPA, target: TextEncoder, batch: Batch, shuffled_c
                       autocast: torch.dtype | None = None) -> dict[str, Any]:  # fmt: skip
     """Targets [B, S, D], each method's predictions [B, S, D] and (with ``sent_id``) the window
     sentences, for one batch."""
-    device_type = batch["input_ids"].device.type
     slot_valid = batch["tgt_sent_valid"]
-    with torch.autocast(device_type, dtype=autocast or torch.float32, enabled=autocast is not None):
-        feats = target(batch["input_ids"], batch["position_ids"], batch["valid"]).float()
+    with autocast_context(batch["input_ids"].device, autocast):
         preds = {
             "model": model(batch).float(),
-            "shuffled": predict_from_context(model, batch, **shuffled_ctx).float(),
+            "shuffled": model.predict(
+                batch, shuffled_ctx["ctx_ids"], shuffled_ctx["ctx_pos"], shuffled_ctx["ctx_valid"]
+            ).float(),
         }
+    feats = target_features(target, batch, autocast)
     targets = pooled_targets(feats, batch)  # one target forward serves every use below
     sents = window_sentences(feats, batch) if "sent_id" in batch else None
     copy_ctx = _copy_context(feats, batch, sents)
@@ -302,11 +269,12 @@ def quick_eval(model: JEPA, target: TextEncoder, val_batches: list[Batch], loss_
     ``loss``, ``shuffled_loss``, ``shuffled_loss_ratio``, ``shuffled_top1``,
     ``copy_context_loss``, ``copy_context_top1``, ``batch_mean_loss``, ``effective_rank``
     (targets), ``pred_effective_rank``, ``target_std``, ``pred_std``, ``uniformity``,
-    ``alignment``, ``seconds``.
+    ``alignment``, ``seconds``; with ``sent_id`` in every batch (the validation loader's) also
+    ``within_doc_top1``, ``within_doc_mrr`` and ``{copy_neighbour,copy_context}_within_doc_mrr``
+    (every sentence of the window is a candidate, so topic alone cannot score).
     """
     start = time.perf_counter()
-    batches = [{k: v for k, v in b.items() if k != "sent_id"} for b in val_batches]
-    r = predictor_eval(model, target, batches, loss_cfg or LossConfig(), autocast, pool_size, seed)
+    r = predictor_eval(model, target, val_batches, loss_cfg or LossConfig(), autocast, pool_size, seed)
     m = r["methods"]
     out: dict[str, float] = defaultdict(float)
     for key in ("top1", "top5", "mrr", "chance_top1"):
@@ -320,6 +288,11 @@ def quick_eval(model: JEPA, target: TextEncoder, val_batches: list[Batch], loss_
     out["copy_context_loss"] = m["copy_context"]["loss"]
     out["copy_context_top1"] = m["copy_context"]["top1"]
     out["batch_mean_loss"] = m["batch_mean"]["loss"]
+    if "within_doc_mrr" in m["model"]:
+        out["within_doc_top1"] = m["model"]["within_doc_top1"]
+        out["within_doc_mrr"] = m["model"]["within_doc_mrr"]
+        for method in ("copy_neighbour", "copy_context"):
+            out[f"{method}_within_doc_mrr"] = m[method]["within_doc_mrr"]
     ht, hp = r["health"]["targets"], r["health"]["predictions"]
     out["effective_rank"] = ht["effective_rank"]
     out["pred_effective_rank"] = hp["effective_rank"]

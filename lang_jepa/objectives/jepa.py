@@ -1,4 +1,5 @@
-"""The LANG-JEPA objective: targets from the EMA encoder, predictions from context + predictor, loss.
+"""The LANG-JEPA objective: targets from the EMA encoder, predictions from context + predictor,
+loss in embedding space, EMA update after each optimizer step.
 
 Batch contract (dict from :func:`lang_jepa.data.masking.collate_rows`; B rows of L tokens):
 ``input_ids``/``position_ids``/``valid`` [B, L]; ``ctx_index``/``ctx_valid`` [B, Nc] (context
@@ -11,33 +12,29 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import Config, LossConfig
-from .models import Predictor, TextEncoder, pool_by_slot
-from .models.layers import Segments, compile_blocks
-
-Batch = dict[str, Tensor]
-
-
-def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
-    """x [B, L] or [B, L, D], index [B, N] -> x at index, [B, N] or [B, N, D]."""
-    if x.dim() == 2:
-        return x.gather(1, index)
-    return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
-
-
-def batch_segments(batch: Batch, stream: str) -> Segments | None:
-    """The :class:`Segments` of a packed batch's ``full``, ``ctx`` or ``pred`` token stream, or
-    None for a batch of one window per row."""
-    if f"cu_{stream}" not in batch:
-        return None
-    shape = {"full": "input_ids", "ctx": "ctx_index", "pred": "pred_order"}[stream]
-    return Segments(batch[f"cu_{stream}"], batch[f"max_{stream}"], batch[shape].numel())
+from .. import engine, schedules
+from ..config import Config, LossConfig
+from ..ema import EmaSync, ema_update
+from ..metrics import stream_flops
+from ..models import Predictor, TextEncoder, pool_by_slot
+from ..models.layers import compile_blocks
+from .base import (
+    Batch,
+    Outputs,
+    Runtime,
+    autocast_context,
+    batch_segments,
+    gather_tokens,
+    move_batch,
+    parameter_count,
+)
 
 
 class JEPA(nn.Module):
@@ -63,21 +60,22 @@ class JEPA(nn.Module):
         pos = gather_tokens(batch["position_ids"], batch["ctx_index"]).masked_fill(pad, 0)
         return ids, pos
 
-    def encode_context(self, batch: Batch) -> Tensor:
-        """Context features [B, Nc, D]."""
-        ids, pos = self.context_inputs(batch)
-        return self.encoder(ids, pos, batch["ctx_valid"], batch_segments(batch, "ctx"))
-
     def forward(self, batch: Batch) -> Tensor:
         ids, pos = self.context_inputs(batch)
+        return self.predict(batch, ids, pos, batch["ctx_valid"])
+
+    def predict(self, batch: Batch, ctx_ids: Tensor, ctx_pos: Tensor, ctx_valid: Tensor) -> Tensor:
+        """Predictions [B, S, D] for ``batch``'s target sentences from the given context tokens
+        (ids, positions, validity [B, Nc]): the batch's own (:meth:`forward`) or another one (the
+        shuffled-context control of the evaluation, on unpacked batches)."""
         ctx_segments = batch_segments(batch, "ctx")
         packing = None
         if ctx_segments is not None:
             packing = (batch["pred_order"], batch["pred_tgt"], batch_segments(batch, "pred"))
         return self.predictor(
-            self.encoder(ids, pos, batch["ctx_valid"], ctx_segments),
-            ctx_pos=pos,
-            ctx_valid=batch["ctx_valid"],
+            self.encoder(ctx_ids, ctx_pos, ctx_valid, ctx_segments),
+            ctx_pos=ctx_pos,
+            ctx_valid=ctx_valid,
             tgt_pos=gather_tokens(batch["position_ids"], batch["tgt_index"]),
             tgt_valid=batch["tgt_valid"],
             tgt_sent=batch["tgt_sent"],
@@ -110,24 +108,33 @@ def build_models(cfg: Config, vocab_size: int) -> tuple[JEPA, TextEncoder]:
 
 
 @torch.no_grad()
-def compute_targets(
+def target_features(
     target_encoder: TextEncoder, batch: Batch, autocast: torch.dtype | None
 ) -> Tensor:
-    """Target-sentence embeddings [B, S, D], fp32.
-
-    The target encoder reads the full window; its final features are mean-pooled over each target
-    sentence's tokens, then layer-normalised without affine parameters (I-JEPA).
-    """
-    device_type = batch["input_ids"].device.type
-    with torch.autocast(device_type, dtype=autocast or torch.float32, enabled=autocast is not None):
+    """The target encoder's final features of the full window [B, L, D], fp32 (``autocast``:
+    the compute dtype, None for fp32)."""
+    with autocast_context(batch["input_ids"].device, autocast):
         feats = target_encoder(
             batch["input_ids"], batch["position_ids"], batch["valid"], batch_segments(batch, "full")
         )
+    return feats.float()
+
+
+def pooled_targets(feats: Tensor, batch: Batch) -> Tensor:
+    """Target-sentence embeddings [B, S, D] from window features [B, L, D]: each target
+    sentence's tokens mean-pooled, then layer-normalised without affine parameters (I-JEPA)."""
     tokens = gather_tokens(feats.float(), batch["tgt_index"])
     pooled = pool_by_slot(
         tokens, batch["tgt_sent"], batch["tgt_valid"], batch["tgt_sent_valid"].shape[1]
     )
     return F.layer_norm(pooled, (pooled.shape[-1],))
+
+
+def compute_targets(
+    target_encoder: TextEncoder, batch: Batch, autocast: torch.dtype | None
+) -> Tensor:
+    """Target-sentence embeddings [B, S, D], fp32, no grad."""
+    return pooled_targets(target_features(target_encoder, batch, autocast), batch)
 
 
 def vicreg_term(z: Tensor, cov_weight: float) -> Tensor:
@@ -199,19 +206,104 @@ def representation_stats(pred: Tensor, target: Tensor, slot_valid: Tensor) -> di
     }
 
 
-def effective_rank(z: Tensor) -> float:
-    """RankMe (Garrido et al. 2023): exp of the entropy of the normalised singular values of z [N, D]."""
-    z = z.float()
-    if z.shape[0] < 2:
-        return math.nan
-    # same singular values; torch's CPU SVD of a wide matrix (N < D) is ~50x slower
-    s = torch.linalg.svdvals(z.T if z.shape[0] < z.shape[1] else z)
-    p = s / s.sum().clamp(min=1e-12) + 1e-12
-    return float(torch.exp(-(p * p.log()).sum()))
+def step_flops(model: JEPA, batch: Batch, recompute: bool) -> tuple[Tensor, Tensor]:
+    """(model FLOPs, hardware FLOPs) of one micro-batch, counting valid tokens only.
+
+    Model FLOPs: context encoder + predictor forward and backward (3x forward) plus the target
+    encoder's forward over the full window; attention over each window's actual length. Hardware
+    FLOPs add the recomputed forward of activation checkpointing.
+    """
+    enc, pred = model.encoder, model.predictor
+    n_win = batch["valid"].sum(1).float()
+    n_ctx = batch["ctx_valid"].sum(1).float()
+    n_tgt = batch["tgt_valid"].sum(1).float()
+    enc_ctx = stream_flops(enc, batch, "ctx", n_ctx)
+    enc_win = stream_flops(enc, batch, "full", n_win)
+    pred_core = stream_flops(pred, batch, "pred", n_ctx + n_tgt)
+    pred_io = 2.0 * enc.dim * pred.dim * (n_ctx.sum() + batch["tgt_sent_valid"].sum())
+    forward_trainable = enc_ctx + pred_core + pred_io
+    model_flops = 3.0 * forward_trainable + enc_win
+    hardware_flops = model_flops + forward_trainable if recompute else model_flops
+    return model_flops, hardware_flops  # 0-d tensors on the batch's device (no host sync)
 
 
-def move_batch(batch: dict[str, Any], device: torch.device) -> Batch:
-    """Tensors to ``device`` (non-blocking: the loader pins memory)."""
-    return {
-        k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()
-    }
+class EmaTarget:
+    """The EMA update of a target encoder from the online encoder's fp32 master weights, under
+    ZeRO-0..3: a per-tensor lerp when this rank holds every weight whole (one rank, ZeRO-0),
+    else :class:`lang_jepa.ema.EmaSync` (owned slices lerped, then all-gathered)."""
+
+    def __init__(self, target: nn.Module, online: nn.Module, rt: Runtime) -> None:
+        self.target, self.online, self.rt = target, online, rt
+        self.sync: EmaSync | None = None  # the partitioned layout, fixed for the engine's life
+
+    @torch.no_grad()
+    def update(self, eng: Any, momentum: float) -> None:
+        fragments, partitioned = engine.fp32_fragments(self.online.parameters(), eng.optimizer)
+        targets = list(self.target.parameters())
+        if not partitioned or self.rt.world == 1:
+            ema_update(targets, fragments, momentum)  # no buffer (11x faster on CPU)
+            return
+        if self.sync is None:
+            self.sync = EmaSync(
+                targets,
+                fragments,
+                self.rt.rank,
+                self.rt.world,
+                engine.dp_all_gather_object,
+                engine.dp_all_gather_into_tensor,
+            )
+        self.sync.update(targets, fragments, momentum)
+
+
+class JEPAObjective:
+    """``objective=jepa``: the I-JEPA recipe over sentences (see the module docstring)."""
+
+    name: ClassVar[str] = "jepa"
+
+    def __init__(self, cfg: Config, vocab_size: int, rt: Runtime) -> None:
+        self.cfg, self.rt = cfg, rt
+        self.module, target = build_models(cfg, vocab_size)
+        self.target: TextEncoder = target.to(rt.device)
+        self.ema = EmaTarget(self.target, self.module.encoder, rt)
+        self.momentum = math.nan  # of the last EMA update
+
+    def prepare(self, batch: dict[str, Any], split: str, key: tuple[int, ...]) -> Batch:
+        return move_batch(batch, self.rt.device)
+
+    def loss(self, eng: Any, batch: Batch) -> tuple[Tensor, Outputs]:
+        phase = self.rt.phase
+        with phase("targets"):  # 1. targets: EMA encoder on the full window, pooled, no grad
+            targets = compute_targets(self.target, batch, self.rt.autocast)
+        with phase("forward"):  # 2. context encoder on context tokens only + predictor
+            preds = eng(batch)
+        with phase("loss"):  # 3. loss in embedding space
+            loss, parts = jepa_loss(preds, targets, batch["tgt_sent_valid"], self.cfg.loss)
+        return loss, Outputs(preds.detach(), targets, batch["tgt_sent_valid"], parts)
+
+    def flops(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        return step_flops(self.module, batch, self.cfg.model.activation_checkpointing)
+
+    def after_step(self, eng: Any, step: int) -> None:
+        # 5. EMA update of the target encoder from the fp32 master weights
+        self.momentum = schedules.ema_momentum(step, self.cfg.train.max_steps, self.cfg.optim)
+        with self.rt.phase("ema"):
+            self.ema.update(eng, self.momentum)
+
+    def monitor(self, outputs: Outputs) -> dict[str, Tensor | float]:
+        stats = representation_stats(outputs.predictions, outputs.targets, outputs.valid)
+        out: dict[str, Tensor | float] = {f"repr/{k}": v for k, v in stats.items()}
+        out["train/ema_momentum"] = self.momentum
+        return out
+
+    def evaluate(self, batches: Iterable[Batch]) -> dict[str, float]:
+        from ..eval.predictor import quick_eval
+
+        return quick_eval(
+            self.module, self.target, list(batches), self.cfg.loss, self.rt.autocast,
+            seed=self.cfg.train.seed,
+        )  # fmt: skip
+
+    def summary(self) -> str:
+        n_enc = parameter_count(self.module.encoder)
+        n_pred = parameter_count(self.module) - n_enc
+        return f"encoder {n_enc / 1e6:.1f}M params, predictor {n_pred / 1e6:.1f}M params"
