@@ -28,7 +28,7 @@ def one(preset: str, shards: str, checkpointing: bool, micro_batch: int) -> tupl
 
     from lang_jepa.config import load_config
     from lang_jepa.data import build_train_loader, manifest_vocab_size
-    from lang_jepa.objective import build_models, compute_targets, jepa_loss
+    from lang_jepa.objectives import build_models, compute_targets, jepa_loss
 
     overrides = [f"data.shards={shards}", "data.num_workers=0",
                  f"model.activation_checkpointing={str(checkpointing).lower()}"]  # fmt: skip

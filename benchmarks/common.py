@@ -142,11 +142,8 @@ def attention_checks(trainer: Any, batch: Batch) -> dict[str, Any]:
         except RuntimeError as err:
             out[f"flash_forced_{label}"] = f"refused: {str(err).splitlines()[0][:160]}"
         out[f"default_{label}"] = sdpa_ops(lambda v=valid: forward(v))
-    out.update(packed_attention_check(enc, trainer.autocast, ids, pos))
-    from lang_jepa.trainer import Accumulators
-
-    acc = Accumulators.zeros(dev)
-    out["train_step"] = sdpa_ops(lambda: trainer.train_step([batch], acc))
+    out.update(packed_attention_check(enc, trainer.rt.autocast, ids, pos))
+    out["train_step"] = sdpa_ops(lambda: trainer.train_step([batch]))
     return out
 
 
@@ -181,15 +178,12 @@ def count_host_syncs(trainer: Any, batch: Batch) -> dict[str, Any] | None:
     """Host-device synchronisations in one train step (CUDA sync debug mode), by source line."""
     if trainer.dev.type != "cuda":
         return None
-    from lang_jepa.trainer import Accumulators
-
-    acc = Accumulators.zeros(trainer.dev)
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            trainer.train_step([batch], acc)
+            trainer.train_step([batch])
         finally:
             torch.cuda.set_sync_debug_mode("default")
     where = Counter(

@@ -88,7 +88,7 @@ def build_layout(args: argparse.Namespace) -> tuple[list[Tensor], list[list[tupl
     """The EMA targets and this rank's encoder fragments of a real ZeRO engine (no step taken)."""
     from lang_jepa import engine
     from lang_jepa.config import load_config
-    from lang_jepa.objective import build_models
+    from lang_jepa.objectives import build_models
     from lang_jepa.trainer import seed_everything
 
     cfg = load_config(

@@ -1,6 +1,7 @@
-"""The two things train_bench.py times besides the real trainer: a phase timer that wraps the
-trainer's steps without changing them, and the plain PyTorch loop (same model, same numbered steps,
-no DeepSpeed) that the DeepSpeed step is compared against on CPU."""
+"""The two things train_bench.py times besides the real trainer: a phase timer (the trainer's
+phase hook: it times the named parts of each step without changing them), and the plain PyTorch
+loop (same model, same numbered steps, no DeepSpeed) that the DeepSpeed step is compared against
+on CPU."""
 
 from __future__ import annotations
 
@@ -8,23 +9,29 @@ import contextlib
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import torch
 from torch import Tensor
+
+from lang_jepa.config import Config
 
 Batch = dict[str, Tensor]
 
 
 class PhaseTimer:
-    """Wall time of named phases within the current step (sums per phase)."""
+    """Wall time of named phases within the current step (sums per phase). ``phase`` is the
+    trainer's phase hook (``Trainer.build(..., phase=timer.phase)``): a no-op until ``enabled``."""
 
-    def __init__(self, sync: Callable[[], None]) -> None:
-        self.sync = sync
+    def __init__(self, sync: Callable[[], None] | None = None, enabled: bool = False) -> None:
+        self.sync = sync or (lambda: None)
+        self.enabled = enabled
         self.current: dict[str, float] = defaultdict(float)
 
+    def phase(self, name: str) -> contextlib.AbstractContextManager:
+        return self._timed(name) if self.enabled else contextlib.nullcontext()
+
     @contextlib.contextmanager
-    def phase(self, name: str) -> Iterator[None]:
+    def _timed(self, name: str) -> Iterator[None]:
         self.sync()
         t0 = time.perf_counter()
         try:
@@ -33,41 +40,20 @@ class PhaseTimer:
             self.sync()
             self.current[name] += time.perf_counter() - t0
 
-    def wrap(self, fn: Callable[..., Any], name: str) -> Callable[..., Any]:
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            with self.phase(name):
-                return fn(*args, **kwargs)
-
-        return timed
-
     def take(self) -> dict[str, float]:
         out, self.current = dict(self.current), defaultdict(float)
         return out
 
 
-def instrument_trainer(trainer: Any, timer: PhaseTimer) -> None:
-    """Time the phases of ``Trainer.train_step`` without changing what it runs."""
-    import lang_jepa.trainer as trainer_mod
-
-    trainer_mod.compute_targets = timer.wrap(trainer_mod.compute_targets, "targets")
-    trainer_mod.jepa_loss = timer.wrap(trainer_mod.jepa_loss, "loss")
-    eng = trainer.eng
-    eng.forward = timer.wrap(eng.forward, "forward")
-    eng.backward = timer.wrap(eng.backward, "backward")
-    eng.step = timer.wrap(eng.step, "step")
-    trainer.update_target = timer.wrap(trainer.update_target, "ema")
-    trainer.agree_on_step = timer.wrap(trainer.agree_on_step, "agree")
-
-
 class PlainLoop:
     """The same model and numbered steps as ``Trainer.train_step``, without DeepSpeed."""
 
-    def __init__(self, cfg: Any, dev: torch.device, timer: PhaseTimer | None) -> None:
+    def __init__(self, cfg: Config, dev: torch.device, timer: PhaseTimer) -> None:
         from lang_jepa import engine
-        from lang_jepa.objective import build_models
+        from lang_jepa.objectives import build_models
         from lang_jepa.trainer import seed_everything
 
-        seed_everything(cfg.train.seed)  # the weights setup() gave the DeepSpeed model
+        seed_everything(cfg.train.seed)  # the weights Trainer.build gave the DeepSpeed model
         self.model, self.target = build_models(cfg, cfg.model.vocab_size)
         self.model.to(dev).train()
         self.target.to(dev)
@@ -80,12 +66,12 @@ class PlainLoop:
         self.loss_sum = torch.zeros((), device=dev)
 
     def _phase(self, name: str) -> contextlib.AbstractContextManager:
-        return self.timer.phase(name) if self.timer else contextlib.nullcontext()
+        return self.timer.phase(name)
 
     def train_step(self, micro_batches: list[Batch]) -> None:
         from lang_jepa import schedules
         from lang_jepa.ema import ema_update
-        from lang_jepa.objective import compute_targets, jepa_loss
+        from lang_jepa.objectives import compute_targets, jepa_loss
 
         cfg, max_steps = self.cfg, self.cfg.train.max_steps
         lr = schedules.learning_rate(self.step, max_steps, cfg.optim)

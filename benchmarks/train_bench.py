@@ -20,7 +20,7 @@ weights for the plain loop; fp32 is fp32 in both. DeepSpeed and plain steps alte
 on identical batches; ``deepspeed_over_plain_ratio`` is the median over adjacent pairs of
 (DeepSpeed step time / plain step time), robust to load drifting on a shared machine.
 
-FLOPs (lang_jepa.metrics.step_flops, valid tokens only): MFU counts context encoder + predictor
+FLOPs (the objective's ``flops``: lang_jepa.objectives.jepa.step_flops, valid tokens only): MFU counts context encoder + predictor
 forward and backward plus the target encoder's forward; HFU adds the recomputed forward of
 activation checkpointing. Peak FLOP/s come from lang_jepa.metrics.PEAK_BF16_FLOPS (GPU only).
 Memory (GPU): ``peak_mem_gb`` is torch.cuda.max_memory_allocated over the timed steps;
@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 import torch  # noqa: E402
-from plain_loop import PhaseTimer, PlainLoop, instrument_trainer  # noqa: E402
+from plain_loop import PhaseTimer, PlainLoop  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 REPO = common.REPO
@@ -154,18 +154,20 @@ def make_sync(dev: torch.device) -> Callable[[], None]:
 
 
 def preload(trainer: Any, n_steps: int) -> list[list[Batch]]:
-    """``n_steps`` steps' micro-batches from the trainer's real loader, on the device."""
-    from lang_jepa.objective import move_batch
-
+    """``n_steps`` steps' micro-batches from the trainer's real loader, prepared by its objective
+    (on the device)."""
     accum = trainer.cfg.train.grad_accum_steps
     it = iter(trainer.loader)
-    steps = [[move_batch(next(it), trainer.dev) for _ in range(accum)] for _ in range(n_steps)]
+    steps = [
+        [trainer.objective.prepare(next(it), "train", (i, trainer.rank, k)) for k in range(accum)]
+        for i in range(n_steps)
+    ]
     if hasattr(trainer.loader, "close"):
         trainer.loader.close()
     return steps
 
 
-def memory_probe(trainer: Any, micro: list[Batch], acc: Any) -> dict[str, float]:
+def memory_probe(trainer: Any, micro: list[Batch]) -> dict[str, float]:
     """Activation memory of one extra step (GPU): peaks above what was allocated before it."""
     dev = trainer.dev
     torch.cuda.synchronize(dev)
@@ -182,7 +184,7 @@ def memory_probe(trainer: Any, micro: list[Batch], acc: Any) -> dict[str, float]
 
     trainer.eng.backward = probe_backward
     try:
-        trainer.train_step(micro, acc)
+        trainer.train_step(micro)
     finally:
         trainer.eng.backward = backward
     torch.cuda.synchronize(dev)
@@ -194,11 +196,13 @@ def memory_probe(trainer: Any, micro: list[Batch], acc: Any) -> dict[str, float]
     }
 
 
-def run_bench(args: argparse.Namespace, trainer: Any, other: Any = None) -> dict[str, Any]:
+def run_bench(
+    args: argparse.Namespace, trainer: Any, timer: PhaseTimer, other: Any = None
+) -> dict[str, Any]:
     """Time ``trainer`` (and the plain loop, or a second trainer ``other``) on the same batches;
-    ``other`` gets batches from its own loader when its data settings differ (e.g. packing)."""
-    from lang_jepa.metrics import peak_flops, step_flops
-    from lang_jepa.trainer import Accumulators
+    ``other`` gets batches from its own loader when its data settings differ (e.g. packing).
+    ``timer`` is the phase hook ``trainer`` was built with; it is switched on for a breakdown."""
+    from lang_jepa.metrics import peak_flops
 
     dev, cfg = trainer.dev, trainer.cfg
     on_gpu = dev.type == "cuda"
@@ -207,21 +211,16 @@ def run_bench(args: argparse.Namespace, trainer: Any, other: Any = None) -> dict
     plain_on = other is None and (args.plain if args.plain is not None else not on_gpu)
     breakdown = other is None and (args.breakdown if args.breakdown is not None else not on_gpu)
     sync = make_sync(dev)
-    timer = PhaseTimer(sync) if breakdown else None
+    timer.sync = sync
+    timer.enabled = breakdown
     data = preload(trainer, min(args.batches, steps + warmup))
     plain = PlainLoop(cfg, dev, timer) if plain_on else None
-    if timer:
-        instrument_trainer(trainer, timer)
-    acc = Accumulators.zeros(dev)
-    runners: list[tuple[str, Callable[[list[Batch]], None]]] = [
-        ("deepspeed", lambda micro: trainer.train_step(micro, acc))
-    ]
+    runners: list[tuple[str, Callable[[list[Batch]], None]]] = [("deepspeed", trainer.train_step)]
     if plain is not None:
         runners.append(("plain", plain.train_step))
     data_vs = data
     if other is not None:
-        acc_vs = Accumulators.zeros(dev)
-        runners.append(("vs", lambda micro: other.train_step(micro, acc_vs)))
+        runners.append(("vs", other.train_step))
         if other.cfg.data != cfg.data:
             data_vs = preload(other, len(data))
     vs_tokens: list[float] = []
@@ -229,7 +228,6 @@ def run_bench(args: argparse.Namespace, trainer: Any, other: Any = None) -> dict
     phases: dict[str, list[dict[str, float]]] = {name: [] for name, _ in runners}
     tokens: list[float] = []
     flops: list[tuple[float, float]] = []
-    recompute = cfg.model.activation_checkpointing
     for i in range(warmup + steps):
         micro = data[i % len(data)]
         micro_vs = data_vs[i % len(data_vs)]
@@ -241,14 +239,14 @@ def run_bench(args: argparse.Namespace, trainer: Any, other: Any = None) -> dict
             fn(micro_vs if name == "vs" else micro)
             sync()
             dt = time.perf_counter() - t0
-            split = timer.take() if timer else {}
+            split = timer.take() if breakdown else {}
             if i >= warmup:
                 times[name].append(dt)
                 phases[name].append(split)
         if i >= warmup:
             tokens.append(sum(float(b["valid"].sum()) for b in micro))
             vs_tokens.append(sum(float(b["valid"].sum()) for b in micro_vs))
-            mf = [step_flops(trainer.model, b, recompute) for b in micro]
+            mf = [trainer.objective.flops(b) for b in micro]
             flops.append((sum(float(m) for m, _ in mf), sum(float(h) for _, h in mf)))
     result = summarize(trainer, times, phases, tokens, flops, peak_flops(dev))
     if other is not None:
@@ -259,7 +257,7 @@ def run_bench(args: argparse.Namespace, trainer: Any, other: Any = None) -> dict
     result.update(steps=steps, warmup=warmup, distinct_batches=len(data))
     if on_gpu:
         result["peak_mem_gb"] = torch.cuda.max_memory_allocated(dev) / 2**30
-        result.update(memory_probe(trainer, data[0], acc))
+        result.update(memory_probe(trainer, data[0]))
     return result
 
 
@@ -330,14 +328,12 @@ def profile_step(fn: Callable[[list[Batch]], None], micro: list[Batch], top: int
 
 
 def check_paths(args: argparse.Namespace, trainer: Any) -> dict[str, Any]:
-    from lang_jepa.trainer import Accumulators
-
     eng, dev = trainer.eng, trainer.dev
     param = next(trainer.model.parameters())
     basic = type(eng.basic_optimizer)
     on_gpu = dev.type == "cuda"
     batch = preload(trainer, 2)
-    trainer.train_step(batch[0], Accumulators.zeros(dev))  # warm up (lazy initialisations)
+    trainer.train_step(batch[0])  # warm up (lazy initialisations)
     attn = common.attention_checks(trainer, batch[1][0])
     syncs = common.count_host_syncs(trainer, batch[1][0])
     result = {
@@ -350,7 +346,7 @@ def check_paths(args: argparse.Namespace, trainer: Any) -> dict[str, Any]:
         "attention": attn,
         "host_syncs_per_step": syncs,
     }
-    packed_tol = 0.05 if trainer.autocast is not None else 1e-4  # bf16 vs fp32 rounding
+    packed_tol = 0.05 if trainer.rt.autocast is not None else 1e-4  # bf16 vs fp32 rounding
     result["ok"] = {
         "flash_sdpa_no_mask": attn["flash_forced_no_mask"] == "ok",
         "packed_matches_windows": attn["packed_max_abs_diff"] < packed_tol,
@@ -422,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     from lang_jepa.config import load_config
-    from lang_jepa.trainer import setup
+    from lang_jepa.trainer import Trainer
 
     with tempfile.TemporaryDirectory(prefix="train_bench-") as tmp_name:
         tmp = Path(tmp_name)
@@ -431,7 +427,8 @@ def main(argv: list[str] | None = None) -> int:
         shards, source = resolve_shards(args, tmp, need)
         overrides = config_overrides(args, shards, tmp / "run")
         cfg = load_config(args.preset, overrides)
-        trainer = setup(cfg, args.ds_config)
+        timer = PhaseTimer()  # the phase hook, off unless a breakdown is asked for
+        trainer = Trainer.build(cfg, args.ds_config, phase=timer.phase)
         dev = trainer.dev
         settings = {
             "preset": args.preset, "ds_config": args.ds_config,
@@ -453,11 +450,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.check_paths:
             result["checks"] = check_paths(args, trainer)
         elif args.vs:
-            other = setup(load_config(args.preset, overrides + args.vs), args.ds_config)
+            other = Trainer.build(load_config(args.preset, overrides + args.vs), args.ds_config)
             result["settings"]["vs"] = args.vs
-            result.update(run_bench(args, trainer, other))
+            result.update(run_bench(args, trainer, timer, other))
         else:
-            result.update(run_bench(args, trainer))
+            result.update(run_bench(args, trainer, timer))
     print_report(result)
     if args.json:
         common.write_json(args.json, result)

@@ -45,8 +45,8 @@ def main() -> None:
     out_dir, stage, overrides = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
     from lang_jepa import schedules
     from lang_jepa.config import load_config
-    from lang_jepa.objective import move_batch
-    from lang_jepa.trainer import Accumulators, setup
+    from lang_jepa.objectives import move_batch
+    from lang_jepa.trainer import Trainer
 
     ds = json.loads((REPO / "ds_configs" / f"zero{max(stage, 1)}.json").read_text())
     ds["zero_optimization"]["stage"] = stage
@@ -55,10 +55,16 @@ def main() -> None:
     ds_path = Path(tempfile.mkdtemp()) / "ds.json"
     ds_path.write_text(json.dumps(ds))
     cfg = load_config("tiny", overrides)
-    trainer = setup(cfg, str(ds_path))
+    trainer = Trainer.build(cfg, str(ds_path))
+    after_step, ema_updates = trainer.objective.after_step, []
+
+    def counted(eng, step):  # how often, and at which steps, the EMA update runs
+        ema_updates.append(step)
+        after_step(eng, step)
+
+    trainer.objective.after_step = counted
     it = iter(trainer.loader)
     fixed = [next(it) for _ in range(N_FIXED * cfg.train.grad_accum_steps)]
-    acc = Accumulators.zeros(trainer.dev)
     losses, momenta, online = [], [], [full_fp32(trainer)]
     k = 0
     while trainer.step < cfg.train.max_steps:
@@ -66,16 +72,18 @@ def main() -> None:
         for _ in range(cfg.train.grad_accum_steps):
             micro.append(move_batch(fixed[k % len(fixed)], trainer.dev))
             k += 1
-        before = float(acc.loss)
+        before = float(trainer.metrics.acc.loss)
         momenta.append(schedules.ema_momentum(trainer.step, cfg.train.max_steps, cfg.optim))
-        trainer.train_step(micro, acc)
-        losses.append((float(acc.loss) - before) / len(micro))
+        trainer.train_step(micro)
+        losses.append((float(trainer.metrics.acc.loss) - before) / len(micro))
         online.append(full_fp32(trainer))
     result = {
         "losses": losses,
         "momenta": momenta,
         "online": online,
-        "target": {k: v.detach().cpu().clone() for k, v in trainer.target.state_dict().items()},
+        "target": {
+            k: v.detach().cpu().clone() for k, v in trainer.objective.target.state_dict().items()
+        },
         # the rank's own replica of the (low-precision) weights; ZeRO-3 holds only a partition
         "replica": {
             k: v.detach().float().cpu().clone()
@@ -83,6 +91,10 @@ def main() -> None:
             if not hasattr(v, "ds_id")
         },
         "world": trainer.world,
+        "grad_accum": cfg.train.grad_accum_steps,
+        "ema_updates": ema_updates,
+        "global_steps": trainer.eng.global_steps,
+        "global_samples": trainer.eng.global_samples,
     }
     torch.save(result, out_dir / f"rank{trainer.rank}.pt")
 

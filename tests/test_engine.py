@@ -112,3 +112,16 @@ def test_bf16_runs_and_learns(tmp_path, tiny_shards):
     losses = run_worker(tmp_path, tiny_shards, 2, 1, "train.precision=bf16")[0]["losses"]
     assert all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-4:]) < sum(losses[:4])
+
+
+def test_global_batch_sets_accumulation_for_every_consumer(tmp_path, tiny_shards):
+    """train.global_batch_size derives the accumulation once: DeepSpeed, the step count, the
+    schedules and the EMA all see 4 micro-batches per optimizer step."""
+    (r,) = run_worker(
+        tmp_path, tiny_shards, 2, 1, "data.micro_batch_size=2", "train.global_batch_size=8",
+        "optim.ema_start=0.9", "optim.ema_end=0.95",
+    )  # fmt: skip
+    assert r["grad_accum"] == 4
+    assert r["global_steps"] == 12 and r["global_samples"] == 12 * 8  # DeepSpeed's own counters
+    assert r["ema_updates"] == list(range(12)) and len(r["momenta"]) == 12  # once per update
+    assert_same(r["target"], ema_lerp_recurrence(r))  # one lerp per optimizer step, no more

@@ -19,12 +19,11 @@ from lang_jepa.eval.predictor import (
     batch_predictions,
     eval_batches,
     method_metrics,
-    predict_from_context,
     quick_eval,
     shuffled_contexts,
 )
 from lang_jepa.eval.suite import evaluate
-from lang_jepa.objective import compute_targets, gather_tokens
+from lang_jepa.objectives import compute_targets, gather_tokens
 from lang_jepa.report import read_jsonl, report
 
 REPO = Path(__file__).resolve().parent.parent
@@ -69,8 +68,8 @@ def test_own_context_reproduces_the_models_forward(loaded) -> None:
     batch = eval_batches(loaded.cfg, 1)[0]
     with torch.no_grad():
         direct = loaded.jepa(batch)
-        via = predict_from_context(
-            loaded.jepa, batch, gather_tokens(batch["input_ids"], batch["ctx_index"]),
+        via = loaded.jepa.predict(
+            batch, gather_tokens(batch["input_ids"], batch["ctx_index"]),
             gather_tokens(batch["position_ids"], batch["ctx_index"]), batch["ctx_valid"],
         )  # fmt: skip
     assert torch.equal(direct, via)
@@ -87,7 +86,8 @@ def test_shuffled_contexts_come_from_other_documents(loaded) -> None:
         assert s["ctx_valid"].sum(1).min() > 0
     b, s = batches[0], shuffled[0]
     with torch.no_grad():
-        own, swapped = loaded.jepa(b), predict_from_context(loaded.jepa, b, **s)
+        own = loaded.jepa(b)
+        swapped = loaded.jepa.predict(b, s["ctx_ids"], s["ctx_pos"], s["ctx_valid"])
     assert own.shape == swapped.shape and not torch.equal(own, swapped)
 
 
@@ -118,16 +118,27 @@ def test_a_perfect_predictor_scores_one_and_controls_are_sane(loaded) -> None:
 
 
 def test_quick_eval_on_the_trainers_val_batches_is_fast_and_finite(loaded) -> None:
-    val = list(build_val_loader(loaded.cfg, 0, 1))  # the batch contract only: no sentence ids
+    val = list(build_val_loader(loaded.cfg, 0, 1))  # the trainer's: with sentence ids
+    assert all("sent_id" in b for b in val)
     start = time.perf_counter()
     out = quick_eval(loaded.jepa, loaded.target, val, loaded.cfg.loss)
     elapsed = time.perf_counter() - start
     assert elapsed < 15.0  # ~0.3 s on an idle 2-core CPU; generous for a loaded machine
     for key in ("retrieval_top1", "retrieval_mrr", "copy_context_top1", "shuffled_loss_ratio",
-                "effective_rank", "loss", "within_window_top1", "pred_effective_rank"):  # fmt: skip
+                "effective_rank", "loss", "within_window_top1", "pred_effective_rank",
+                "within_doc_mrr", "copy_neighbour_within_doc_mrr"):  # fmt: skip
         assert key in out and torch.isfinite(torch.tensor(out[key])), key
     assert not any(k.startswith("eval/") for k in out)
     assert loaded.jepa.training is False  # load_run's eval mode restored
+    # the in-document metrics are exactly the offline suite's on the same windows
+    offline = eval_batches(loaded.cfg, len(val))  # each window once: maybe fewer batches
+    n = len(offline)
+    assert n >= 2 and all(
+        torch.equal(a["sent_id"], b["sent_id"]) for a, b in zip(offline, val[:n], strict=True)
+    )
+    ours = quick_eval(loaded.jepa, loaded.target, val[:n], loaded.cfg.loss)
+    theirs = quick_eval(loaded.jepa, loaded.target, offline, loaded.cfg.loss)
+    assert ours["within_doc_mrr"] == pytest.approx(theirs["within_doc_mrr"])
 
 
 def test_cli_writes_json_markdown_and_plots(run_dir: Path, tmp_path: Path) -> None:

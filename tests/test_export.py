@@ -22,7 +22,7 @@ from lang_jepa.data.reader import decode_sample, read_shard
 from lang_jepa.data.windows import cut_windows
 from lang_jepa.export import ExportError, export
 from lang_jepa.models import pool_by_slot
-from lang_jepa.objective import build_models
+from lang_jepa.objectives import build_models
 from lang_jepa.shards import load_manifest, shard_urls, tokenizer_fingerprint
 
 REPO = Path(__file__).resolve().parent.parent

@@ -10,7 +10,7 @@ from lang_jepa.data import build_train_loader, manifest_vocab_size
 from lang_jepa.engine import param_groups
 from lang_jepa.models import pool_by_slot
 from lang_jepa.models.layers import compile_blocks, matmul_params
-from lang_jepa.objective import build_models, compute_targets, jepa_loss
+from lang_jepa.objectives import build_models, compute_targets, jepa_loss
 
 
 def setup_batch(tiny_shards, *overrides):

@@ -32,6 +32,12 @@ def command(run_dir: Path, shards: Path, ranks: int, *extra: str) -> list[str]:
             "train.precision=fp32", *extra]  # fmt: skip
 
 
+def with_nan_at(step: int, cmd: list[str]) -> list[str]:
+    """``cmd`` (a train.py command) with every loss of 0-based step ``step`` made NaN."""
+    at = cmd.index("train.py")
+    return [*cmd[:at], "-m", "tests.nan_worker", str(step), *cmd[at + 1 :]]
+
+
 def run(cmd: list[str], **env: str) -> subprocess.CompletedProcess:
     proc = subprocess.run(
         cmd, cwd=REPO, env=cpu_env(**env), capture_output=True, text=True, timeout=900
@@ -138,7 +144,7 @@ def test_sigterm_single_process_exit_code(tmp_path, tiny_shards):
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_shards):
     run_dir = tmp_path / "run"
-    proc = run(command(run_dir, tiny_shards, 1), LANG_JEPA_FAULT_NAN_STEP="12")
+    proc = run(with_nan_at(12, command(run_dir, tiny_shards, 1)))
     assert proc.returncode == 1
     assert "non-finite loss at step 12" in proc.stderr and "step00000010" in proc.stderr
     assert (run_dir / "checkpoints" / "latest").read_text() == "step00000010"
@@ -146,8 +152,8 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_shar
 
 def test_nonfinite_loss_skip_counts_and_continues(tmp_path, tiny_shards):
     run_dir = tmp_path / "run"
-    proc = run(command(run_dir, tiny_shards, 1, "train.nonfinite=skip", "train.max_steps=16"),
-               LANG_JEPA_FAULT_NAN_STEP="7")  # fmt: skip
+    proc = run(with_nan_at(7, command(run_dir, tiny_shards, 1, "train.nonfinite=skip",
+                                      "train.max_steps=16")))  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "non-finite loss at step 7: step skipped (1 so far)" in proc.stdout
     assert max(losses(run_dir)) == 16

@@ -274,7 +274,9 @@ def quick_eval(model: JEPA, target: TextEncoder, val_batches: list[Batch], loss_
     (every sentence of the window is a candidate, so topic alone cannot score).
     """
     start = time.perf_counter()
-    r = predictor_eval(model, target, val_batches, loss_cfg or LossConfig(), autocast, pool_size, seed)
+    r = predictor_eval(
+        model, target, val_batches, loss_cfg or LossConfig(), autocast, pool_size, seed
+    )
     m = r["methods"]
     out: dict[str, float] = defaultdict(float)
     for key in ("top1", "top5", "mrr", "chance_top1"):

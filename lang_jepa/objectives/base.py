@@ -62,7 +62,6 @@ class Runtime:
     phase: Phase = no_phase
 
 
-
 @dataclass
 class Outputs:
     """What one micro-batch's loss leaves for the monitors (detached). Sentence-level objectives

@@ -60,6 +60,11 @@ class JEPA(nn.Module):
         pos = gather_tokens(batch["position_ids"], batch["ctx_index"]).masked_fill(pad, 0)
         return ids, pos
 
+    def encode_context(self, batch: Batch) -> Tensor:
+        """Context features [B, Nc, D]."""
+        ids, pos = self.context_inputs(batch)
+        return self.encoder(ids, pos, batch["ctx_valid"], batch_segments(batch, "ctx"))
+
     def forward(self, batch: Batch) -> Tensor:
         ids, pos = self.context_inputs(batch)
         return self.predict(batch, ids, pos, batch["ctx_valid"])
