@@ -116,7 +116,7 @@ class CollapseAlarm:
 
 
 class ScalarWriter:
-    """TensorBoard on rank 0 (the names are DESIGN.md's contract); a no-op elsewhere."""
+    """TensorBoard on rank 0 (the names are the contract in docs/design.md); a no-op elsewhere."""
 
     def __init__(self, tb_dir: Path | None) -> None:
         self.writer = None
@@ -225,7 +225,7 @@ class TrainMetrics:
         elapsed = time.perf_counter() - acc.t0
         steps = max(acc.micro_steps // t.grad_accum_steps, 1)
         peak = peak_flops(self.dev)
-        flops_per_s = float(acc.model_flops) * self.world / elapsed
+        flops_per_s = float(acc.model_flops) / elapsed  # this rank's: per device
         grad_norm = eng.get_global_grad_norm()
         out: dict[str, float | None] = {
             "train/loss": float(sums[0]) / max(float(sums[2]), 1.0),

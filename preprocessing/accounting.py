@@ -188,7 +188,7 @@ def build_manifest(
     args: list[str],
     settings: dict[str, Any],
 ) -> dict[str, Any]:
-    """The ``manifest.json`` document (see DESIGN.md and :func:`lang_jepa.shards.validate_manifest`)."""
+    """The ``manifest.json`` document (see docs/design.md and :func:`lang_jepa.shards.validate_manifest`)."""
     total = total_tally(tallies)
     return {
         "format": FORMAT,

@@ -7,7 +7,7 @@ Example::
         --output shards/fineweb --tokenizer bert-base-uncased --workers 32 --val-fraction 0.001
 
 Output: ``train-NNNNNN.tar`` / ``val-NNNNNN.tar``, ``tokenizer/`` and ``manifest.json`` (see
-DESIGN.md). The output is the same byte for byte for any ``--workers``. Re-running an interrupted
+docs/design.md). The output is the same byte for byte for any ``--workers``. Re-running an interrupted
 build resumes it; a complete build is never overwritten without ``--overwrite``.
 """
 

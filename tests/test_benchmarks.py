@@ -1,5 +1,5 @@
 """The benchmarks (train_bench.py, loader_bench.py, gpu_check.sh) run on CPU and write what checks
-read. Not timings: the figures themselves come from running the benchmarks (README, Performance).
+read. Not timings: the figures themselves come from running the benchmarks (docs/performance.md).
 """
 
 from __future__ import annotations
