@@ -16,8 +16,8 @@ import pytest
 
 from tests.helpers import cpu_env, free_port
 
-REPO = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.engine
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = [pytest.mark.processes, pytest.mark.engine]
 STEPS = 40
 
 

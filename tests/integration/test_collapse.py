@@ -11,7 +11,7 @@ import pytest
 from lang_jepa.metrics import CollapseAlarm
 from tests.helpers import cpu_env
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_alarm_needs_patience_and_resets():
@@ -25,6 +25,7 @@ def test_alarm_needs_patience_and_resets():
     )  # MLM: nothing to watch
 
 
+@pytest.mark.processes
 @pytest.mark.engine
 def test_ema_off_run_trips_the_alarm_and_stops(tmp_path, tiny_shards):
     env = cpu_env()

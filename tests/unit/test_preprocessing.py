@@ -21,7 +21,7 @@ from preprocessing.inspect import main as inspect_main
 from preprocessing.textproc import SENTENCE_MARK, Processor, split_sentences
 from preprocessing.tokenizer import load_tokenizer
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
@@ -77,6 +77,7 @@ def shard_bytes(d: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(d.glob("*.tar"))}
 
 
+@pytest.mark.processes
 @pytest.mark.slow
 def test_whole_demo_round_trip_and_worker_invariance(demo_raw, tok, tmp_path):
     two, one = tmp_path / "w2", tmp_path / "w1"
@@ -169,6 +170,7 @@ def test_tiny_shards_fixture_shape(tiny_shards):
     assert tokenizer_fingerprint(saved) == manifest["tokenizer"]["sha256"]
 
 
+@pytest.mark.processes
 def test_resume_after_interruption_gives_the_same_output(demo_raw, tmp_path):
     files = [str(p) for p in sorted(demo_raw.glob("*.txt"))[:40]]
     argv = ["--input", *files, "--shard-docs", "3", "--val-fraction", "0.2", "--quiet"]
@@ -215,6 +217,7 @@ def test_hf_dataset_fails_fast_offline(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "b").exists()
 
 
+@pytest.mark.processes
 def test_slurm_array_tasks_then_merge_equal_one_run(demo_raw, tmp_path):
     files = sorted(demo_raw.glob("*.txt"))[:45]
     file_list = tmp_path / "files.txt"

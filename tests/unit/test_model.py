@@ -178,6 +178,7 @@ def test_no_weight_decay_on_biases_and_norms(tiny_shards):
     assert any(p is model.predictor.mask_token for p in no_decay["params"])
 
 
+@pytest.mark.processes
 def test_compiled_blocks_match_eager(tiny_shards):
     """model.compile=true (torch.compile of every block, dynamic shapes) on CPU: same loss and
     gradients as the eager model, for a packed batch and a one-window-per-row batch."""

@@ -135,6 +135,7 @@ def test_truncated_compressed_jsonl(tmp_path, suffix):
     assert [s["json"]["id"] for s in m["_samples"]] == [str(i) for i in range(docs["written"])]
 
 
+@pytest.mark.processes
 def test_unreadable_file_stops_the_run_unless_skipped(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl.gz"
     bad.write_bytes(b"this is not gzip at all")
