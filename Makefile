@@ -53,7 +53,7 @@ test: demo-data eval-data
 
 # The unit tests only: no process is started (see tests/conftest.py).
 test-fast: demo-data eval-data
-	$(PY) -m pytest -q tests/unit -m "not processes"
+	$(PY) -m pytest -q tests/unit
 
 lint:
 	$(PY) -m ruff check .
