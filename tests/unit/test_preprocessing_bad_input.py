@@ -12,11 +12,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import webdataset as wds
 import zstandard
 
-from lang_jepa.shards import load_manifest, shard_urls
 from preprocessing.build_shards import main as build
+from tests.helpers import build_and_read
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 WORDS = [
@@ -31,22 +30,6 @@ WORDS = [
     "budget",
     "nation",
 ]
-
-
-def run(tmp_path: Path, files: list[Path], *extra: str) -> dict:
-    out = tmp_path / "out"
-    argv = ["--input", *map(str, files), "--output", str(out), "--workers", "0", "--quiet"]
-    assert build([*argv, "--val-fraction", "0", *extra]) == 0
-    manifest = load_manifest(out)
-    docs = manifest["documents"]
-    assert docs["read"] == docs["written"] + sum(docs["skipped"].values())
-    samples = list(wds.WebDataset(shard_urls(out, "train"), shardshuffle=False).decode())
-    assert len(samples) == manifest["splits"]["train"]["samples"]
-    for s in samples:
-        sents = s["sents.npy"]
-        assert sents[0] == 0 and sents[-1] == len(s["tokens.npy"]) and np.all(np.diff(sents) > 0)
-    manifest["_samples"] = samples
-    return manifest
 
 
 def prose(n: int, seed: int = 0) -> list[str]:
@@ -68,7 +51,7 @@ def test_text_files_of_every_kind(tmp_path):
     }
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
-    m = run(tmp_path, [tmp_path / n for n in files])
+    m = build_and_read(tmp_path, [tmp_path / n for n in files])
     assert m["documents"]["read"] == 9
     assert m["documents"]["skipped"] == {
         "binary": 1, "duplicate": 1, "empty": 2, "no_tokens": 1,
@@ -84,7 +67,7 @@ def test_ten_megabyte_line_without_punctuation(tmp_path):
     rng = random.Random(1)
     line = " ".join(rng.choice(WORDS) for _ in range(1_700_000))[: 10 * 2**20]
     (tmp_path / "huge.txt").write_text(line)
-    m = run(tmp_path, [tmp_path / "huge.txt"], "--max-sentence-tokens", "128")
+    m = build_and_read(tmp_path, [tmp_path / "huge.txt"], "--max-sentence-tokens", "128")
     assert m["documents"]["written"] == 1 and m["stats"]["sentences_cut"] >= 10
     assert m["stats"]["chunked_documents"] == 1  # > 65536 tokens: cut into chunks
     for s in m["_samples"]:
@@ -110,7 +93,7 @@ def test_jsonl_records_ids_and_bad_lines(tmp_path):
         {"text": "   "},
         {"text": "Lone \ud800 surrogate. Still written.", "id": 7},
     ])  # fmt: skip
-    m = run(tmp_path, [path])
+    m = build_and_read(tmp_path, [path])
     assert m["documents"]["read"] == 8 and m["documents"]["written"] == 3
     assert m["documents"]["skipped"] == {"empty": 1, "invalid_json": 2, "missing_text": 2}
     assert m["stats"]["repaired"] == {"lone_surrogates": 1}
@@ -127,24 +110,12 @@ def test_truncated_compressed_jsonl(tmp_path, suffix):
         packed = zstandard.ZstdCompressor().compress(data)
     path = tmp_path / f"cut{suffix}"
     path.write_bytes(packed[: len(packed) // 2])
-    m = run(tmp_path, [path])
+    m = build_and_read(tmp_path, [path])
     docs = m["documents"]
     assert docs["skipped"] == {"truncated_file": 1}
     assert 500 < docs["written"] < 3000 and docs["read"] == docs["written"] + 1
     assert [e["file"] for e in m["stats"]["file_errors"]] == [str(path)]
     assert [s["json"]["id"] for s in m["_samples"]] == [str(i) for i in range(docs["written"])]
-
-
-def test_unreadable_file_stops_the_run_unless_skipped(tmp_path, capsys):
-    bad = tmp_path / "bad.jsonl.gz"
-    bad.write_bytes(b"this is not gzip at all")
-    good = tmp_path / "good.txt"
-    good.write_text("A fine document. It has words.")
-    out = tmp_path / "stop"
-    assert build(["--input", str(bad), str(good), "--output", str(out), "--quiet"]) == 2
-    assert str(bad) in capsys.readouterr().err
-    m = run(tmp_path, [bad, good], "--skip-bad-files")
-    assert m["documents"] == {"read": 2, "written": 1, "skipped": {"unreadable_file": 1}}
 
 
 def test_parquet_like_fineweb(tmp_path):
@@ -157,7 +128,7 @@ def test_parquet_like_fineweb(tmp_path):
     })  # fmt: skip
     path = tmp_path / "000_00000.parquet"
     pq.write_table(table, path, row_group_size=7)
-    m = run(tmp_path, [path])
+    m = build_and_read(tmp_path, [path])
     assert m["documents"]["written"] == 40 and m["documents"]["skipped"] == {"missing_text": 1}
     assert m["_samples"][3]["json"]["id"] == "<urn:uuid:3>"
 

@@ -1,8 +1,8 @@
 """Run a few real DeepSpeed train steps and dump what the engine tests check (one file per rank).
 
-Launched by tests/test_engine.py with ``python`` (one rank) or ``torchrun`` (two ranks):
+Launched by tests/integration/test_engine.py with ``python`` (one rank) or ``torchrun`` (two ranks):
 
-    python tests/engine_worker.py OUT_DIR STAGE [key.sub=value ...]
+    python tests/integration/engine_worker.py OUT_DIR STAGE [key.sub=value ...]
 
 Uses the real setup (lang_jepa.trainer.setup), the real loader over real shards and the real
 train step. The first ``N_FIXED`` batches are taken once and cycled, so the loss is measured on a
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 N_FIXED = 4

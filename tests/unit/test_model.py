@@ -5,21 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lang_jepa.config import load_config
-from lang_jepa.data import build_train_loader, manifest_vocab_size
 from lang_jepa.engine import param_groups
 from lang_jepa.models import pool_by_slot
-from lang_jepa.models.layers import compile_blocks, matmul_params
-from lang_jepa.objectives import build_models, compute_targets, jepa_loss
-
-
-def setup_batch(tiny_shards, *overrides):
-    cfg = load_config("tiny", [f"data.shards={tiny_shards}", *overrides])
-    vocab = manifest_vocab_size(tiny_shards)
-    torch.manual_seed(0)
-    model, target = build_models(cfg, vocab)
-    batch = next(iter(build_train_loader(cfg, 0, 1)))
-    return cfg, model, target, batch, vocab
+from lang_jepa.models.layers import matmul_params
+from lang_jepa.objectives import compute_targets, jepa_loss
+from tests.helpers import setup_batch
 
 
 @pytest.mark.parametrize("packing", [True, False])
@@ -176,35 +166,6 @@ def test_no_weight_decay_on_biases_and_norms(tiny_shards):
     n = sum(p.numel() for g in (decay, no_decay) for p in g["params"])
     assert n == sum(p.numel() for p in model.parameters())
     assert any(p is model.predictor.mask_token for p in no_decay["params"])
-
-
-def test_compiled_blocks_match_eager(tiny_shards):
-    """model.compile=true (torch.compile of every block, dynamic shapes) on CPU: same loss and
-    gradients as the eager model, for a packed batch and a one-window-per-row batch."""
-    import copy
-
-    cfg, model, target, packed, _ = setup_batch(tiny_shards)
-    rows = next(
-        iter(
-            build_train_loader(
-                load_config("tiny", [f"data.shards={tiny_shards}", "data.packing=false"]), 0, 1
-            )
-        )
-    )
-    compiled = copy.deepcopy(model)
-    for stack in (compiled.encoder.stack, compiled.predictor.stack):
-        compile_blocks(stack)
-    for batch in (packed, rows):
-        targets = compute_targets(target, batch, None)
-        losses = []
-        for m in (model, compiled):
-            m.zero_grad()
-            loss, _ = jepa_loss(m(batch), targets, batch["tgt_sent_valid"], cfg.loss)
-            loss.backward()
-            losses.append(loss.detach())
-        torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
-        for (name, p), q in zip(model.named_parameters(), compiled.parameters(), strict=True):
-            torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_varlen_branch_passes_what_varlen_attn_expects(tiny_shards, monkeypatch):

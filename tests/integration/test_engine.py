@@ -1,7 +1,7 @@
 """Real DeepSpeed engine tests on CPU (gloo): tiny preset, real shards, 1 and 2 ranks, ZeRO 0/2/3.
 
-Each case runs tests/engine_worker.py in fresh processes (python for one rank, torchrun for two)
-and checks what it dumped.
+Each case runs tests/integration/engine_worker.py in fresh processes (python for one rank,
+torchrun for two) and checks what it dumped.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import torch
 
 from tests.helpers import cpu_env, free_port
 
-REPO = Path(__file__).resolve().parent.parent
-WORKER = REPO / "tests" / "engine_worker.py"
-pytestmark = pytest.mark.engine
+REPO = Path(__file__).resolve().parents[2]
+WORKER = REPO / "tests" / "integration" / "engine_worker.py"
+pytestmark = [pytest.mark.processes, pytest.mark.engine]
 
 
 def run_worker(tmp: Path, shards: Path, stage: int, ranks: int, *overrides: str) -> list[dict]:

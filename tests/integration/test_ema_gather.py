@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 from lang_jepa.ema import EmaSync, Fragment
 from tests.helpers import free_port
 
+pytestmark = pytest.mark.processes
 SHAPES = [(5, 3), (7,), (4, 4), (1,), (11,)]  # 50 elements end to end
 TOTAL = 50
 # per layout: the [lo, hi) intervals of the concatenated parameters each rank owns

@@ -16,8 +16,8 @@ import pytest
 
 from tests.helpers import cpu_env, free_port
 
-REPO = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.engine
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = [pytest.mark.processes, pytest.mark.engine]
 STEPS = 40
 
 
@@ -35,7 +35,7 @@ def command(run_dir: Path, shards: Path, ranks: int, *extra: str) -> list[str]:
 def with_nan_at(step: int, cmd: list[str]) -> list[str]:
     """``cmd`` (a train.py command) with every loss of 0-based step ``step`` made NaN."""
     at = cmd.index("train.py")
-    return [*cmd[:at], "-m", "tests.nan_worker", str(step), *cmd[at + 1 :]]
+    return [*cmd[:at], "-m", "tests.integration.nan_worker", str(step), *cmd[at + 1 :]]
 
 
 def run(cmd: list[str], **env: str) -> subprocess.CompletedProcess:

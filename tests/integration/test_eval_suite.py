@@ -26,7 +26,9 @@ from lang_jepa.eval.suite import evaluate
 from lang_jepa.objectives import compute_targets, gather_tokens
 from lang_jepa.report import read_jsonl, report
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
+# the runs fixture trains with train.py (the real engine, in processes)
+pytestmark = [pytest.mark.processes, pytest.mark.engine]
 STEPS = 6
 
 

@@ -25,8 +25,8 @@ from lang_jepa.models import pool_by_slot
 from lang_jepa.objectives import build_models
 from lang_jepa.shards import load_manifest, shard_urls, tokenizer_fingerprint
 
-REPO = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.engine
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = [pytest.mark.processes, pytest.mark.engine]
 STEPS = 6
 
 
