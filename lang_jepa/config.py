@@ -15,6 +15,9 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 PRESET_DIR = Path(__file__).parent / "configs"
+# The values of ``objective``: the keys of lang_jepa.objectives.OBJECTIVES (checked there at import;
+# kept here so that reading a config imports no model or engine code).
+OBJECTIVE_NAMES = ("jepa", "mlm")
 
 
 class ConfigError(ValueError):
@@ -139,7 +142,9 @@ class EvalConfig:
 
 @dataclass
 class Config:
-    objective: str = "jepa"  # a name in lang_jepa.objectives.OBJECTIVES: jepa | mlm (the control)
+    objective: str = (
+        "jepa"  # one of OBJECTIVE_NAMES: jepa | mlm (the same-encoder masked-LM control)
+    )
     model: ModelConfig = field(default_factory=ModelConfig)
     predictor: PredictorConfig = field(default_factory=PredictorConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -194,9 +199,56 @@ def _check(ok: bool, key: str, msg: str) -> None:
         raise ConfigError(f"config key {key!r}: {msg}")
 
 
+# Ranges of single values: key -> (low, high, whether low is allowed). None: unbounded.
+RANGES: dict[str, tuple[float | None, float | None, bool]] = {
+    **dict.fromkeys(
+        ["model.dim", "model.depth", "model.heads", "model.mlp_ratio", "model.rope_theta",
+         "model.norm_eps", "model.init_std", "predictor.dim", "predictor.depth", "predictor.heads",
+         "predictor.mlp_ratio", "data.prefetch_factor", "data.shuffle_buffer", "train.val_batches",
+         "eval.batches", "log.rankme_window", "loss.smooth_l1_beta"],
+        (0, None, False),
+    ),  # sizes > 0
+    **dict.fromkeys(
+        ["model.vocab_size", "data.num_workers", "data.min_sentences", "optim.warmup_steps",
+         "optim.grad_clip", "optim.weight_decay", "optim.final_weight_decay", "optim.eps",
+         "train.global_batch_size", "train.save_interval", "train.keep_checkpoints",
+         "train.exit_at_step", "train.max_skipped_steps", "train.val_interval", "eval.interval",
+         "eval.collapse_patience", "eval.collapse_min_target_std", "loss.reg_weight",
+         "loss.vicreg_cov_weight"],
+        (0, None, True),
+    ),  # counts and weights >= 0
+    **dict.fromkeys(["optim.lr", "optim.start_lr", "optim.min_lr"], (0, None, True)),  # LR >= 0
+    **dict.fromkeys(
+        ["model.dropout", "eval.collapse_min_rank_frac", "optim.ema_start", "optim.ema_end"],
+        (0, 1, True),
+    ),  # fractions and momenta in [0, 1]
+}  # fmt: skip
+
+
+def _value(cfg: Config, key: str) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def check_ranges(cfg: Config) -> None:
+    """Every key of :data:`RANGES` inside its range, or a ConfigError naming the key."""
+    for key, (low, high, low_ok) in RANGES.items():
+        v = _value(cfg, key)
+        bad = (low is not None and (v < low or (v == low and not low_ok))) or (
+            high is not None and v > high
+        )
+        if bad:
+            lo = "(-inf" if low is None else ("[" if low_ok else "(") + f"{low:g}"
+            hi = "inf)" if high is None else f"{high:g}]"
+            raise ConfigError(f"config key {key!r}: {v} is out of range {lo}, {hi}")
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks that types alone cannot express; errors name the key."""
     m, p, mk, o, t = cfg.model, cfg.predictor, cfg.mask, cfg.optim, cfg.train
+    check_ranges(cfg)
     _check(
         m.dim % m.heads == 0, "model.heads", f"model.dim={m.dim} is not divisible by it ({m.heads})"
     )
@@ -217,12 +269,10 @@ def validate(cfg: Config) -> None:
         "need 0 < min_block_frac <= max_block_frac < 1",
     )
     _check(0 <= mk.min_context_frac < 1, "mask.min_context_frac", "must be in [0, 1)")
-    from .objectives import OBJECTIVES  # the registry (imported here: it imports this module)
-
     _check(
-        cfg.objective in OBJECTIVES,
+        cfg.objective in OBJECTIVE_NAMES,
         "objective",
-        f"{cfg.objective!r} is not one of {' | '.join(OBJECTIVES)}",
+        f"{cfg.objective!r} is not one of {' | '.join(OBJECTIVE_NAMES)}",
     )
     _check(0 < cfg.loss.mlm_prob < 1, "loss.mlm_prob", "must be in (0, 1)")
     _check(
@@ -230,6 +280,7 @@ def validate(cfg: Config) -> None:
     )
     _check(cfg.loss.reg in ("none", "vicreg", "sigreg"), "loss.reg", f"{cfg.loss.reg!r} unknown")
     _check(len(o.betas) == 2, "optim.betas", "needs two values")
+    _check(all(0 <= b < 1 for b in o.betas), "optim.betas", f"{o.betas} not in [0, 1)")
     _check(
         0 <= o.ema_start <= o.ema_end <= 1, "optim.ema_end", "need 0 <= ema_start <= ema_end <= 1"
     )

@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from ..config import Config, ConfigError
+from ..config import OBJECTIVE_NAMES, Config, ConfigError
 from .base import (
     Batch,
     Objective,
@@ -31,6 +31,8 @@ from .jepa import (
 from .mlm import MLM, MLMObjective
 
 OBJECTIVES: dict[str, type] = {"jepa": JEPAObjective, "mlm": MLMObjective}
+if tuple(OBJECTIVES) != OBJECTIVE_NAMES:
+    raise ImportError(f"lang_jepa.config.OBJECTIVE_NAMES {OBJECTIVE_NAMES} != {tuple(OBJECTIVES)}")
 
 
 def build_objective(cfg: Config, vocab_size: int, rt: Runtime) -> Objective:

@@ -38,11 +38,34 @@ def test_precedence_defaults_preset_overrides(tmp_path):
         (["mask.min_blocks=5"], "mask.max_blocks"),
         (["objective=mae"], "objective"),
         (["nonsense"], "nonsense"),
+        (["model.dim=-8"], "model.dim"),
+        (["optim.lr=-1"], "optim.lr"),
+        (["optim.start_lr=-0.1"], "optim.start_lr"),
+        (["model.dropout=1.5"], "model.dropout"),
+        (["optim.ema_end=1.5"], "optim.ema_end"),
+        (["optim.ema_start=-0.1"], "optim.ema_start"),
+        (["optim.betas=[0.9,1.0]"], "optim.betas"),
+        (["predictor.depth=0"], "predictor.depth"),
+        (["train.keep_checkpoints=-1"], "train.keep_checkpoints"),
+        (["eval.collapse_min_rank_frac=2"], "eval.collapse_min_rank_frac"),
     ],
 )
 def test_bad_values_name_the_key(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config("tiny", overrides)
+
+
+def test_every_preset_is_in_range():
+    for name in preset_names():
+        load_config(name)  # validate() checks every range of config.RANGES
+
+
+def test_range_table_names_real_keys():
+    from lang_jepa.config import RANGES, Config, _value
+
+    cfg = Config()
+    for key in RANGES:
+        assert isinstance(_value(cfg, key), int | float), key
 
 
 def test_batch_arithmetic():
