@@ -58,7 +58,8 @@ class StepAgreement:
         self.skipped_steps = 0
 
     def agree(self, step: int, nonfinite: Tensor, step_was_applied: Callable[[], bool]) -> bool:
-        """Returns whether optimizer step ``step`` was applied (the same on every rank)."""
+        """Returns whether optimizer step number ``step`` (1-based: the number the console shows
+        once it is done) was applied; the same on every rank."""
         flags = torch.stack(
             [nonfinite, torch.tensor(float(self.stop.signum is not None), device=self.dev)]
         )

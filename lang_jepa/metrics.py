@@ -139,7 +139,10 @@ class ScalarWriter:
 
 
 def console_line(step: int, max_steps: int, s: dict[str, float | None]) -> str:
-    parts = [f"step {step}/{max_steps}", f"loss {s['train/loss']:.4f}", f"lr {s['train/lr']:.2e}"]
+    loss = "non-finite" if s["train/loss"] is None else f"{s['train/loss']:.4f}"
+    parts = [f"step {step}/{max_steps}", f"loss {loss}", f"lr {s['train/lr']:.2e}"]
+    if s.get("train/skipped_steps"):
+        parts.append(f"skipped {s['train/skipped_steps']:.0f}")
     parts.append(f"tok/s {s['perf/tokens_per_s']:,.0f}")
     parts.append(f"step {s['perf/step_ms']:.0f} ms")
     if s.get("perf/mfu") is not None:
@@ -216,9 +219,11 @@ class TrainMetrics:
         """The objective's statistics of the step's last micro-batch (read on logging steps)."""
         self.monitors = monitors
 
-    def scalars(self, step: int, eng: Any) -> dict[str, float | None]:
+    def scalars(self, step: int, eng: Any, skipped_steps: int) -> dict[str, float | None]:
         """Scalars for TensorBoard and the console after ``step`` optimizer steps (the only host
-        syncs of the loop)."""
+        syncs of the loop). ``train/loss`` is the mean of the finite micro-batch losses since the
+        last logging step, None (absent from the logs) when there was none; ``skipped_steps`` is
+        the run's count of steps skipped for non-finite losses."""
         acc, t, o = self.acc, self.cfg.train, self.cfg.optim
         sums = torch.stack([acc.loss, acc.tokens, acc.finite])
         engine.dp_all_reduce(sums)
@@ -228,7 +233,8 @@ class TrainMetrics:
         flops_per_s = float(acc.model_flops) / elapsed  # this rank's: per device
         grad_norm = eng.get_global_grad_norm()
         out: dict[str, float | None] = {
-            "train/loss": float(sums[0]) / max(float(sums[2]), 1.0),
+            "train/loss": float(sums[0]) / float(sums[2]) if float(sums[2]) > 0 else None,
+            "train/skipped_steps": float(skipped_steps),
             "train/lr": schedules.learning_rate(step - 1, t.max_steps, o),
             "train/wd": schedules.weight_decay(step - 1, t.max_steps, o),
             "train/grad_norm": None if grad_norm is None else float(grad_norm),

@@ -162,7 +162,7 @@ class Trainer:
                 self.eng.step()
             self.metrics.add(loss, batch, self.objective.flops(batch)[0], outputs)
         with phase("agree"):
-            applied = self.agreement.agree(self.step, nonfinite, self.eng.was_step_applied)
+            applied = self.agreement.agree(self.step + 1, nonfinite, self.eng.was_step_applied)
         if applied:  # 5. after the step (JEPA: EMA update of the target encoder)
             self.objective.after_step(self.eng, self.step)
         self.step += 1
@@ -200,7 +200,7 @@ class Trainer:
         if not (step % t.log_interval == 0 or last_step or eval_now):
             return
         self.metrics.observe(self.objective.monitor(outputs))
-        scalars = self.metrics.scalars(step, self.eng)
+        scalars = self.metrics.scalars(step, self.eng, self.agreement.skipped_steps)
         if self.metrics.watch_collapse(step, scalars) and e.collapse_stop:
             raise RepresentationCollapse(
                 f"representation collapse at step {step} (eval.collapse_stop)"
@@ -215,6 +215,7 @@ class Trainer:
     def save(self) -> None:
         state = {
             "step": self.step,
+            "skipped_steps": self.agreement.skipped_steps,
             "loader": self.loader.state_dict(),
             "rng": checkpoint.rng_state(),
         }
@@ -241,6 +242,7 @@ class Trainer:
             log.warning("checkpoint %s was made on other shards (manifest hash differs)", tag)
         state = checkpoint.load(self.eng, ckpt_dir, tag, self.objective.target)
         self.step = int(state["step"])
+        self.agreement.skipped_steps = int(state.get("skipped_steps", 0))
         if state.get("loader") is not None:
             try:
                 self.loader.load_state_dict(state["loader"])

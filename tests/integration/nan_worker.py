@@ -1,10 +1,10 @@
 """``train.py`` with the loss of one optimizer step made NaN: fault injection patched in from
 outside, so the training loop carries no test hook.
 
-    python -m tests.integration.nan_worker STEP [train.py arguments ...]   (from the repository root)
+    python -m tests.integration.nan_worker STEPS [train.py arguments ...]   (from the repo root)
 
-``STEP`` is the trainer's 0-based step counter at the faulty step; every micro-batch loss of that
-step becomes NaN (on every rank), as a real overflow would.
+``STEPS``: comma-separated step numbers (1-based, as the console and the logs number them);
+every micro-batch loss of those steps becomes NaN (on every rank), as a real overflow would.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ def main() -> int:
     import train
     from lang_jepa.trainer import Trainer
 
-    faulty, original = int(sys.argv[1]), Trainer.train_step
+    faulty, original = {int(x) for x in sys.argv[1].split(",")}, Trainer.train_step
 
     def train_step(self: Trainer, micro_batches: list) -> object:
-        if self.step != faulty:
+        if self.step + 1 not in faulty:  # self.step: steps done before this one
             return original(self, micro_batches)
         loss_of = self.objective.loss
 

@@ -32,10 +32,11 @@ def command(run_dir: Path, shards: Path, ranks: int, *extra: str) -> list[str]:
             "train.precision=fp32", *extra]  # fmt: skip
 
 
-def with_nan_at(step: int, cmd: list[str]) -> list[str]:
-    """``cmd`` (a train.py command) with every loss of 0-based step ``step`` made NaN."""
+def with_nan_at(steps: str, cmd: list[str]) -> list[str]:
+    """``cmd`` (a train.py command) with every loss of the steps numbered ``steps`` ("8" or
+    "3,12"; 1-based, as the logs number them) made NaN."""
     at = cmd.index("train.py")
-    return [*cmd[:at], "-m", "tests.integration.nan_worker", str(step), *cmd[at + 1 :]]
+    return [*cmd[:at], "-m", "tests.integration.nan_worker", steps, *cmd[at + 1 :]]
 
 
 def run(cmd: list[str], **env: str) -> subprocess.CompletedProcess:
@@ -50,7 +51,8 @@ def losses(run_dir: Path) -> dict[int, float]:
     out = {}
     for line in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
-        out[record["step"]] = record["train/loss"]
+        if "train/loss" in record:  # absent: no finite loss since the last record
+            out[record["step"]] = record["train/loss"]
     return out
 
 
@@ -144,19 +146,39 @@ def test_sigterm_single_process_exit_code(tmp_path, tiny_shards):
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_shards):
     run_dir = tmp_path / "run"
-    proc = run(with_nan_at(12, command(run_dir, tiny_shards, 1)))
+    proc = run(with_nan_at("13", command(run_dir, tiny_shards, 1)))
     assert proc.returncode == 1
-    assert "non-finite loss at step 12" in proc.stderr and "step00000010" in proc.stderr
+    # one numbering: the 13th step is "step 13" in the error, and step 12 was logged finite
+    assert "non-finite loss at step 13" in proc.stderr and "step00000010" in proc.stderr
+    assert 12 in losses(run_dir) and 13 not in losses(run_dir)
     assert (run_dir / "checkpoints" / "latest").read_text() == "step00000010"
 
 
 def test_nonfinite_loss_skip_counts_and_continues(tmp_path, tiny_shards):
     run_dir = tmp_path / "run"
-    proc = run(with_nan_at(7, command(run_dir, tiny_shards, 1, "train.nonfinite=skip",
-                                      "train.max_steps=16")))  # fmt: skip
+    proc = run(with_nan_at("8", command(run_dir, tiny_shards, 1, "train.nonfinite=skip",
+                                        "train.max_steps=16")))  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "non-finite loss at step 7: step skipped (1 so far)" in proc.stdout
+    assert "non-finite loss at step 8: step skipped (1 so far)" in proc.stdout
     assert max(losses(run_dir)) == 16
+    records = {r["step"]: r for r in map(json.loads, (run_dir / "logs" / "metrics.jsonl").open())}
+    # the skipped step is reported as non-finite, never as a perfect loss of 0
+    assert "train/loss" not in records[8] and records[8]["train/skipped_steps"] == 1
+    assert records[7]["train/skipped_steps"] == 0 and records[16]["train/skipped_steps"] == 1
+    assert "step 8/16 | loss non-finite" in proc.stdout
+
+
+def test_skipped_steps_count_across_a_resume(tmp_path, tiny_shards):
+    run_dir = tmp_path / "run"
+    skip = ["train.nonfinite=skip", "train.max_skipped_steps=1"]
+    first = run(
+        with_nan_at("3,12", command(run_dir, tiny_shards, 1, *skip, "train.exit_at_step=10"))
+    )
+    assert first.returncode == 0 and "step skipped (1 so far)" in first.stdout, first.stderr[-3000:]
+    second = run(with_nan_at("3,12", command(run_dir, tiny_shards, 1, *skip)))
+    # the count came back with the checkpoint: the second skip exceeds train.max_skipped_steps
+    assert second.returncode == 1, second.stdout[-3000:]
+    assert "2 steps skipped for non-finite losses (step 12)" in second.stderr
 
 
 def test_resume_errors_are_loud(tmp_path, tiny_shards):
