@@ -31,16 +31,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from lang_jepa.checkpoint import CheckpointError
     from lang_jepa.config import ConfigError, load_config
+    from lang_jepa.shards import ShardFormatError
     from lang_jepa.trainer import NonFiniteLoss, RepresentationCollapse, Trainer, run
 
     try:
         cfg = load_config(args.config, args.overrides)
         trainer = Trainer.build(cfg, args.deepspeed_config)
-    except (ConfigError, CheckpointError) as err:
+    except (ConfigError, CheckpointError, ValueError) as err:  # ShardFormatError is a ValueError
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:
         return run(trainer)
+    except ShardFormatError as err:  # a shard found damaged while training
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except NonFiniteLoss as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -64,6 +64,9 @@ class DataConfig:
     shuffle_buffer: int = 1000  # windows held for the sample-level shuffle
     min_sentences: int = 3  # windows with fewer sentences are skipped (and counted)
     pin_memory: bool = True
+    # each shard's sha256 checked when a loader process first opens it, and every token id
+    # against the vocabulary (a damaged shard is refused, naming it, before it reaches the model)
+    verify_shards: bool = True
 
 
 @dataclass

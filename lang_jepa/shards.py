@@ -171,6 +171,49 @@ def manifest_hash(shard_dir: str | Path) -> str:
     return sha256_file(Path(shard_dir) / MANIFEST_NAME)
 
 
+def check_shard_files(shard_dir: str | Path, splits: tuple[str, ...] = SPLITS) -> None:
+    """At start-up: every shard the manifest lists exists, with the listed size where the
+    manifest records one (``bytes``). Raises :class:`ShardFormatError` naming the shards."""
+    manifest = load_manifest(shard_dir)
+    bad = []
+    for split in splits:
+        for entry in manifest["splits"].get(split, {}).get("shards", []):
+            path = Path(shard_dir) / entry["url"]
+            if not path.is_file():
+                bad.append(f"{path} is missing")
+            elif "bytes" in entry and path.stat().st_size != int(entry["bytes"]):
+                bad.append(
+                    f"{path} has {path.stat().st_size} bytes, the manifest says {entry['bytes']}"
+                )
+    if bad:
+        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+        raise ShardFormatError(
+            f"{Path(shard_dir) / MANIFEST_NAME} lists shards that cannot be read: "
+            + "; ".join(bad[:3])
+            + more
+        )
+
+
+def verify_shard(url: str | Path, sha256: str) -> None:
+    """The shard's content is what the manifest recorded (sha256), or ShardFormatError."""
+    got = sha256_file(url)
+    if got != sha256:
+        raise ShardFormatError(
+            f"shard {url}: sha256 {got[:16]}... differs from the manifest's {sha256[:16]}... "
+            "(damaged or replaced after preprocessing; rebuild it, or set data.verify_shards=false "
+            "to read it unchecked)"
+        )
+
+
+def check_token_ids(tokens: np.ndarray, vocab_size: int, where: str) -> None:
+    """Every id < ``vocab_size`` (the tokenizer's), or ShardFormatError naming ``where``."""
+    if len(tokens) and int(tokens.max()) >= vocab_size:
+        bad = int((tokens >= vocab_size).sum())
+        raise ShardFormatError(
+            f"{where}: {bad} token ids >= the vocabulary size {vocab_size} (max {int(tokens.max())})"
+        )
+
+
 def shard_urls(shard_dir: str | Path, split: str) -> list[str]:
     """Absolute paths of a split's shards, in manifest order."""
     manifest = load_manifest(shard_dir)

@@ -24,7 +24,7 @@ from .data import TrainLoader, ValLoader, build_train_loader, build_val_loader, 
 from .metrics import TrainMetrics
 from .objectives import Batch, Objective, Outputs, Phase, Runtime, build_objective, no_phase
 from .runinfo import run_info, setup_logging, write_run_dir
-from .shards import load_manifest, manifest_hash
+from .shards import check_shard_files, load_manifest, manifest_hash
 
 __all__ = ["EXIT_REQUEUE", "NonFiniteLoss", "RepresentationCollapse", "Trainer", "run"]
 log = logging.getLogger("lang_jepa")
@@ -61,6 +61,8 @@ class Trainer:
         setup_logging(rank, run_dir)
         dev = engine.device(local_rank)
         cfg.model.vocab_size = _vocab_size(cfg)
+        # every listed shard is there (with its size): found now, not after hours of training
+        check_shard_files(cfg.data.shards)
         # the batch arithmetic, resolved once and written back: DeepSpeed's config, the loop,
         # the schedules and the logs all read these values
         micro, accum, glob = resolve_batch(cfg, world)

@@ -170,7 +170,8 @@ class ProgressLog:
 def split_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
     """A manifest ``splits.<name>`` entry from its shard records."""
     shards = [
-        {k: r[k] for k in ("url", "samples", "sentences", "tokens", "sha256")} for r in records
+        {k: r[k] for k in ("url", "samples", "sentences", "tokens", "sha256", "bytes") if k in r}
+        for r in records
     ]
     return {
         "samples": sum(s["samples"] for s in shards),

@@ -85,6 +85,7 @@ class SplitWriter:
         os.replace(tmp, final)
         record = {"split": self.split, "index": self.index, "url": name, **self._counts}
         record["sha256"] = sha256_file(final)
+        record["bytes"] = final.stat().st_size
         self._writer, self._file = None, None
         self.index += 1
         return record

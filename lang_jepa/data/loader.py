@@ -75,7 +75,7 @@ class StreamSpec:
     @classmethod
     def from_config(cls, cfg: Config, split: str) -> StreamSpec:
         return cls(
-            shards=tuple(split_shards(cfg.data.shards, split)),
+            shards=tuple(split_shards(cfg.data.shards, split, cfg.data.verify_shards)),
             seq_len=cfg.model.seq_len,
             micro_batch=cfg.data.micro_batch_size,
             min_sentences=cfg.data.min_sentences,

@@ -25,19 +25,32 @@ from lang_jepa.data.windows import Window, WindowCounters, cut_windows
 
 @dataclass(frozen=True)
 class ShardInfo:
-    """One shard of a split: its path and the number of samples the manifest promises."""
+    """One shard of a split: its path, the number of samples the manifest promises, its sha256
+    (checked when a process first opens it; "" skips the check) and the vocabulary size every
+    token id must stay under (0: unchecked)."""
 
     url: str
     samples: int
+    sha256: str = ""
+    vocab_size: int = 0
 
 
-def split_shards(shard_dir: str | Path, split: str) -> list[ShardInfo]:
-    """The split's shards, in manifest order, with their sample counts."""
+_VERIFIED: set[str] = set()  # shards whose sha256 this process has checked
+
+
+def split_shards(shard_dir: str | Path, split: str, verify: bool = True) -> list[ShardInfo]:
+    """The split's shards, in manifest order, with their sample counts; ``verify``: with the
+    sha256 and vocabulary checks on."""
     manifest = fmt.load_manifest(shard_dir)
     if split not in manifest["splits"]:
         raise fmt.ShardFormatError(f"{Path(shard_dir) / fmt.MANIFEST_NAME}: no split {split!r}")
     entries = manifest["splits"][split]["shards"]
-    return [ShardInfo(str(Path(shard_dir) / s["url"]), int(s["samples"])) for s in entries]
+    vocab = int(manifest["tokenizer"]["vocab_size"]) if verify else 0
+    return [
+        ShardInfo(str(Path(shard_dir) / s["url"]), int(s["samples"]),
+                  s["sha256"] if verify else "", vocab)
+        for s in entries
+    ]  # fmt: skip
 
 
 def manifest_vocab_size(shard_dir: str | Path) -> int:
@@ -70,13 +83,22 @@ def check_tokenizer(shard_dir: str | Path, tokenizer_name_or_path: str | None) -
     return got
 
 
-def read_shard(url: str, expected_samples: int | None = None) -> Iterator[dict[str, Any]]:
+def read_shard(
+    url: str, expected_samples: int | None = None, sha256: str = ""
+) -> Iterator[dict[str, Any]]:
     """Raw samples (``__key__`` plus field bytes) of one shard, via webdataset's tar reader.
 
-    Any read error (missing, truncated or corrupt tar) is re-raised as
-    :class:`~lang_jepa.shards.ShardFormatError` naming the shard; a shard that ends cleanly but
-    holds another number of samples than the manifest says is refused the same way.
+    With ``sha256`` the file's hash is checked the first time this process opens the shard, so a
+    damaged shard is refused before any of its samples is read. Any read error (missing,
+    truncated or corrupt tar) is re-raised as :class:`~lang_jepa.shards.ShardFormatError` naming
+    the shard; a shard that ends cleanly but holds another number of samples than the manifest
+    says is refused the same way.
     """
+    if sha256 and url not in _VERIFIED:
+        if not Path(url).is_file():
+            raise fmt.ShardFormatError(f"shard {url} is missing (listed in the manifest)")
+        fmt.verify_shard(url, sha256)
+        _VERIFIED.add(url)
     n = 0
     try:
         for sample in wds.tarfile_samples([{"url": url}], handler=wds.reraise_exception):
@@ -96,8 +118,11 @@ def read_shard(url: str, expected_samples: int | None = None) -> Iterator[dict[s
         )
 
 
-def decode_sample(sample: dict[str, Any], url: str) -> tuple[np.ndarray, np.ndarray, dict]:
-    """(tokens [T], sents [n + 1] int32, json meta) of a raw sample; errors name shard and key."""
+def decode_sample(
+    sample: dict[str, Any], url: str, vocab_size: int = 0
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(tokens [T], sents [n + 1] int32, json meta) of a raw sample; errors name shard and key.
+    With ``vocab_size`` every token id must be below it."""
     where = f"shard {url}, sample {sample.get('__key__')!r}"
     try:
         tokens = np.load(io.BytesIO(sample[fmt.TOKENS_KEY]), allow_pickle=False)
@@ -106,6 +131,8 @@ def decode_sample(sample: dict[str, Any], url: str) -> tuple[np.ndarray, np.ndar
     except (KeyError, ValueError, OSError) as err:
         raise fmt.ShardFormatError(f"{where}: cannot decode ({type(err).__name__}: {err})") from err
     fmt.check_sample(tokens, sents, where=where)
+    if vocab_size:
+        fmt.check_token_ids(tokens, vocab_size, where)
     return tokens, sents, meta
 
 
@@ -137,12 +164,12 @@ def document_windows(
     offset``, in document order. Skipped documents are not decoded."""
     j = 0
     for shard in shards:
-        for sample in read_shard(shard.url, shard.samples):
+        for sample in read_shard(shard.url, shard.samples, shard.sha256):
             keep = j % stride == offset
             j += 1
             if not keep:
                 continue
-            tokens, sents, meta = decode_sample(sample, shard.url)
+            tokens, sents, meta = decode_sample(sample, shard.url, shard.vocab_size)
             doc_id = str(meta["id"])
             key = f"{doc_id}|{sample['__key__']}"
             yield from cut_windows(tokens, sents, seq_len, min_sentences, doc_id, key, counters)
