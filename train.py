@@ -31,13 +31,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from lang_jepa.checkpoint import CheckpointError
     from lang_jepa.config import ConfigError, load_config
+    from lang_jepa.runinfo import RunDirBusy
     from lang_jepa.shards import ShardFormatError
     from lang_jepa.trainer import NonFiniteLoss, RepresentationCollapse, Trainer, run
 
     try:
         cfg = load_config(args.config, args.overrides)
         trainer = Trainer.build(cfg, args.deepspeed_config)
-    except (ConfigError, CheckpointError, ValueError) as err:  # ShardFormatError is a ValueError
+    except (ConfigError, CheckpointError, RunDirBusy, ValueError) as err:  # ShardFormatError too
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:

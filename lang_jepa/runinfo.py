@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
 import importlib.metadata
 import json
 import logging
+import os
 import platform
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -83,3 +86,40 @@ def setup_logging(rank: int, run_dir: Path | None) -> logging.Logger:
         handler.setFormatter(fmt)
         log.addHandler(handler)
     return log
+
+
+LOCK_NAME = ".lock"
+
+
+class RunDirBusy(RuntimeError):
+    """Another training holds the run directory."""
+
+
+class RunDirLock:
+    """An exclusive ``flock`` on ``run_dir/.lock``, held for the life of the training process
+    (rank 0): a second training into the same directory fails at once, naming the holder's host
+    and pid. The kernel releases the lock when the holder exits, however it exits (a crash,
+    ``kill -9``, a requeue), so a stale lock never blocks the next start. On network file systems
+    without ``flock`` support the lock is advisory only."""
+
+    def __init__(self, run_dir: Path) -> None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = run_dir / LOCK_NAME
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 4096, 0).decode(errors="replace").strip() or "unknown"
+            os.close(self.fd)
+            raise RunDirBusy(
+                f"{run_dir} is in use by another training ({holder}); wait for it to end, or "
+                "choose another train.run_dir"
+            ) from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"host {socket.gethostname()} pid {os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = -1

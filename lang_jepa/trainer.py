@@ -23,7 +23,7 @@ from .control import EXIT_REQUEUE, NonFiniteLoss, RepresentationCollapse, StepAg
 from .data import TrainLoader, ValLoader, build_train_loader, build_val_loader, check_tokenizer
 from .metrics import TrainMetrics
 from .objectives import Batch, Objective, Outputs, Phase, Runtime, build_objective, no_phase
-from .runinfo import run_info, setup_logging, write_run_dir
+from .runinfo import RunDirLock, run_info, setup_logging, write_run_dir
 from .shards import check_shard_files, load_manifest, manifest_hash
 
 __all__ = ["EXIT_REQUEUE", "NonFiniteLoss", "RepresentationCollapse", "Trainer", "run"]
@@ -50,6 +50,7 @@ class Trainer:
     rt: Runtime
     run_dir: Path
     manifest_sha256: str
+    lock: RunDirLock | None  # rank 0 holds the run directory for the process's life
     step: int = 0  # optimizer steps taken
 
     @classmethod
@@ -58,6 +59,7 @@ class Trainer:
         ``phase`` wraps the named parts of each step (benchmarks time them)."""
         rank, local_rank, world = engine.init_distributed()
         run_dir = Path(cfg.train.run_dir)
+        lock = RunDirLock(run_dir) if rank == 0 else None  # before anything is written there
         setup_logging(rank, run_dir)
         dev = engine.device(local_rank)
         cfg.model.vocab_size = _vocab_size(cfg)
@@ -96,6 +98,7 @@ class Trainer:
             rt=rt,
             run_dir=run_dir,
             manifest_sha256=manifest_hash(cfg.data.shards),
+            lock=lock,
         )
         where = checkpoint.resolve_resume(cfg.train.resume, ckpt_dir)
         if where is not None:
