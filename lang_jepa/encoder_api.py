@@ -5,7 +5,7 @@ An export directory (written by :mod:`lang_jepa.export`) holds ``model.safetenso
 came from) and ``tokenizer/`` (the shards' tokenizer).
 
 Embeddings are pooled exactly as training pools its targets: a text is split into sentences with
-blingfire, each sentence is tokenized on its own without special tokens (as preprocessing does),
+:func:`lang_jepa.sentences.split_sentences` (preprocessing's blingfire splitter), each sentence is tokenized on its own without special tokens (as preprocessing does),
 runs of whole consecutive sentences of at most ``seq_len`` tokens form windows (a longer sentence
 is cut into ``seq_len`` pieces first), the encoder reads each window with positions ``0..n-1``,
 and an embedding is the mean of the final features of its tokens. Three granularities:
@@ -35,6 +35,7 @@ from torch import Tensor
 
 from .data.windows import split_long_sentences, window_bounds
 from .models import TextEncoder
+from .sentences import split_sentences
 
 FORMAT = "lang-jepa-encoder/1"
 CONFIG_NAME = "config.json"
@@ -58,16 +59,6 @@ def encoder_hparams(model_cfg: dict[str, Any], vocab_size: int | None = None) ->
 def build_encoder(hparams: dict[str, Any]) -> TextEncoder:
     """A TextEncoder from config.json's ``model`` section (random weights, eval mode)."""
     return TextEncoder(**{k: hparams[k] for k in ENCODER_KEYS}).eval()
-
-
-def split_sentences(text: str) -> list[str]:
-    """Sentences of ``text`` as blingfire finds them (the splitter preprocessing uses)."""
-    import blingfire
-
-    if not text.strip():
-        return []
-    _, spans = blingfire.text_to_sentences_and_offsets(text)
-    return [text[a:b] for a, b in spans]
 
 
 def load_tokenizer(path: Path) -> Any:

@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 import webdataset as wds
 
+from lang_jepa.sentences import split_sentences
 from lang_jepa.shards import load_manifest, shard_urls
 from preprocessing.build_shards import main as build
 from preprocessing.inspect import main as inspect_main
-from preprocessing.textproc import SENTENCE_MARK, Processor, split_sentences
+from preprocessing.textproc import SENTENCE_MARK, Processor
 from preprocessing.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
