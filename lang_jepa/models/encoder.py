@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .layers import BlockStack, Segments, forward_flops_per_token, init_weights, rope_cos_sin
+from .layers import BlockStack, Segments, init_weights, rope_cos_sin
 
 
 def pool_by_slot(x: Tensor, slot: Tensor, valid: Tensor, n_slots: int) -> Tensor:
@@ -94,10 +94,6 @@ class TextEncoder(_Checkpointable):
         # no `valid.all()` check to drop the mask: it would cost a host sync every forward
         return self.stack(x, rope, segments if segments is not None else valid)
 
-    def flops_per_token(self, seq: int) -> float:
-        """Forward FLOPs per token attending over ``seq`` tokens (embedding lookups are free)."""
-        return forward_flops_per_token(self.dim, self.depth, self.mlp_ratio, seq)
-
 
 class Predictor(_Checkpointable):
     """Narrow transformer predicting target-sentence embeddings from context features.
@@ -166,7 +162,3 @@ class Predictor(_Checkpointable):
         else:
             x = x.gather(1, tgt_at[..., None].expand(-1, -1, x.shape[-1]))
         return self.out(pool_by_slot(x, tgt_sent, tgt_valid, n_slots))
-
-    def flops_per_token(self, seq: int) -> float:
-        """Forward FLOPs per token (input/output projections counted per target token separately)."""
-        return forward_flops_per_token(self.dim, self.depth, self.mlp_ratio, seq)
