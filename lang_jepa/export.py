@@ -10,8 +10,10 @@ from the module states at ZeRO-0). The output loads with
 ``lang_jepa.Encoder.from_pretrained(DIR)``:
 
     DIR/model.safetensors   TextEncoder state_dict, fp32
-    DIR/config.json         {"format", "which", "model": TextEncoder arguments, "source": run, tag,
-                             step, ZeRO stage, world size, manifest hash, "tokenizer", "pooling"}
+    DIR/config.json         {"format", "which", "model": the encoder's architecture
+                             (lang_jepa.models.encoder_config: vocab_size, seq_len, dim, ...),
+                             "source": run, tag, step, ZeRO stage, world size, manifest hash,
+                             "tokenizer", "pooling"}
     DIR/tokenizer/          the shards' tokenizer files (from <data.shards>/tokenizer)
 """
 
@@ -28,14 +30,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .encoder_api import (
-    CONFIG_NAME,
-    FORMAT,
-    TOKENIZER_DIR,
-    WEIGHTS_NAME,
-    build_encoder,
-    encoder_hparams,
-)
+from .encoder_api import CONFIG_NAME, FORMAT, TOKENIZER_DIR, WEIGHTS_NAME
+from .models import build_encoder, encoder_config
 
 log = logging.getLogger("lang_jepa.export")
 TARGET_FILE = "target_encoder.safetensors"  # written by lang_jepa.checkpoint
@@ -167,9 +163,9 @@ def export(run: str | Path, out: str | Path, tag: str | None = None, which: str 
         state = target_state_dict(ckpt_dir / tag)
     else:
         state = online_state_dict(ckpt_dir, tag, zero_stage)
-    hparams = encoder_hparams(cfg["model"], state["tok_emb.weight"].shape[0])
+    model = encoder_config(cfg["model"], state["tok_emb.weight"].shape[0])
     try:  # the weights must fit the architecture the config describes, exactly
-        build_encoder(hparams).load_state_dict(state, strict=True)
+        build_encoder(model, model["vocab_size"]).load_state_dict(state, strict=True)
     except RuntimeError as err:
         raise ExportError(
             f"{ckpt_dir / tag}: {which} weights do not match the config's encoder: {err}"
@@ -185,9 +181,9 @@ def export(run: str | Path, out: str | Path, tag: str | None = None, which: str 
     config = {
         "format": FORMAT,
         "which": which,
-        "model": hparams,
+        "model": model,
         "pooling": "mean over a sentence's (or document's) final token features, in windows of whole "
-                   "sentences <= max_len tokens; training targets add a layer norm without affine",
+                   "sentences <= seq_len tokens; training targets add a layer norm without affine",
         "source": {
             "run_dir": str(ckpt_dir.parent.resolve()), "checkpoint": str((ckpt_dir / tag).resolve()),
             "tag": tag, "step": int(meta["step"]), "zero_stage": zero_stage,

@@ -21,7 +21,7 @@ from lang_jepa.config import load_config
 from lang_jepa.data.reader import decode_sample, read_shard
 from lang_jepa.data.windows import cut_windows
 from lang_jepa.export import ExportError, export
-from lang_jepa.models import pool_by_slot
+from lang_jepa.models import encoder_config, pool_by_slot
 from lang_jepa.objective import build_models
 from lang_jepa.shards import load_manifest, shard_urls, tokenizer_fingerprint
 
@@ -128,6 +128,32 @@ def test_export_online_is_the_fp32_master_encoder(runs, tmp_path):
     # Sanity: the online encoder moved away from the EMA target (momentum < 1) during training.
     target = load_file(str(_tag_dir(runs["zero2"]) / "target_encoder.safetensors"))
     assert max(float((online2[k] - target[k]).abs().max()) for k in target) > 1e-4
+
+
+def test_export_config_is_the_encoders_architecture_and_v1_exports_load(runs, tmp_path):
+    from lang_jepa import Encoder
+
+    run = runs["zero2"]
+    out = export(run, tmp_path / "v2")
+    config = json.loads((out / "config.json").read_text())
+    cfg = load_config(str(run / "config.yaml"))
+    assert config["format"] == "lang-jepa-encoder/2"
+    assert config["model"] == encoder_config(cfg.model, cfg.model.vocab_size)
+    new = Encoder.from_pretrained(out, device="cpu")
+    # an export written before the model section took ModelConfig's names (max_len, not seq_len)
+    v1_model = {k: v for k, v in config["model"].items() if k != "seq_len"}
+    v1 = {
+        **config,
+        "format": "lang-jepa-encoder/1",
+        "model": {**v1_model, "max_len": cfg.model.seq_len},
+    }
+    (out / "config.json").write_text(json.dumps(v1))
+    old = Encoder.from_pretrained(out, device="cpu")
+    assert (
+        old.seq_len == new.seq_len == cfg.model.seq_len and old.config["model"] == config["model"]
+    )
+    text = "The old export still embeds. It gives the same vectors."
+    assert torch.equal(old.encode([text], level="document"), new.encode([text], level="document"))
 
 
 def _val_document(shards: Path) -> tuple[str, np.ndarray, np.ndarray]:

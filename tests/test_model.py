@@ -8,7 +8,7 @@ import torch
 from lang_jepa.config import load_config
 from lang_jepa.data import build_train_loader, manifest_vocab_size
 from lang_jepa.engine import param_groups
-from lang_jepa.models import pool_by_slot
+from lang_jepa.models import build_encoder, encoder_config, pool_by_slot
 from lang_jepa.models.layers import compile_blocks, matmul_params
 from lang_jepa.objective import build_models, compute_targets, jepa_loss
 
@@ -166,6 +166,30 @@ def test_flops_count_every_matmul_weight(tiny_shards):
             m.weight.numel() for m in module.stack.modules() if isinstance(m, torch.nn.Linear)
         )
         assert matmul_params(module.dim, module.depth, module.mlp_ratio) == weights
+
+
+def test_one_encoder_builder_for_training_export_and_baselines(tiny_shards):
+    """build_encoder gives the training encoder (same seed, same weights) from the ModelConfig, the
+    resolved config's model dict or an export's model section alike."""
+    from lang_jepa.config import to_dict
+
+    cfg, model, _, batch, vocab = setup_batch(tiny_shards, "model.pos=learned")
+    section = encoder_config(cfg.model, vocab)  # what an export's config.json records
+    assert section["vocab_size"] == vocab and section["seq_len"] == cfg.model.seq_len
+    for source in (cfg.model, to_dict(cfg)["model"], section):
+        torch.manual_seed(0)  # setup_batch's seed: build_models builds the encoder first
+        encoder = build_encoder(source, vocab)
+        assert encoder.training and encoder.max_len == cfg.model.seq_len
+        want = model.encoder.state_dict()
+        got = encoder.state_dict()
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    checkpointed = build_encoder({**section, "activation_checkpointing": True}, vocab)
+    assert (
+        checkpointed.activation_checkpointing
+        and not build_encoder(section, vocab).activation_checkpointing
+    )
+    with pytest.raises(ValueError, match="seq_len"):
+        build_encoder({k: v for k, v in section.items() if k != "seq_len"}, vocab)
 
 
 def test_no_weight_decay_on_biases_and_norms(tiny_shards):

@@ -13,26 +13,20 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from lang_jepa.config import Config, load_config
-from lang_jepa.encoder_api import (
-    FORMAT,
-    TOKENIZER_DIR,
-    Encoder,
-    build_encoder,
-    encoder_hparams,
-    load_tokenizer,
-)
+from lang_jepa.encoder_api import FORMAT, TOKENIZER_DIR, Encoder, load_tokenizer
 from lang_jepa.export import (
     locate_checkpoint,
     read_checkpoint_meta,
     target_state_dict,
     zero0_module_states,
 )
-from lang_jepa.models import TextEncoder
+from lang_jepa.models import TextEncoder, build_encoder
 from lang_jepa.objective import JEPA, build_models
 
 log = logging.getLogger("lang_jepa.eval")
@@ -99,7 +93,7 @@ def load_run(run_dir: str | Path, tag: str | None = None) -> LoadedRun:
     else:  # e.g. mlm: only the encoder's weights are shared with the JEPA layout
         jepa = None
         enc = {k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")}
-        online = build_encoder(encoder_hparams(_model_dict(cfg), vocab))
+        online = build_encoder(cfg.model, vocab).eval()
         online.load_state_dict(enc, strict=True)
     target_file = ckpt_dir / tag / "target_encoder.safetensors"
     if target_file.is_file():
@@ -110,15 +104,9 @@ def load_run(run_dir: str | Path, tag: str | None = None) -> LoadedRun:
     return LoadedRun(cfg, int(meta["step"]), tag, objective, jepa, target, online, tok, vocab)
 
 
-def _model_dict(cfg: Config) -> dict:
-    from lang_jepa.config import to_dict
-
-    return to_dict(cfg)["model"]
-
-
 def make_encoder(model: nn.Module, tokenizer_dir: Path, device: str = "cpu") -> Encoder:
     """Wrap a TextEncoder (any weights: target, online, random) in the public Encoder API."""
-    hp = {"max_len": int(model.max_len), "dim": int(model.dim)}
+    hp = {"seq_len": int(model.max_len), "dim": int(model.dim)}
     if not tokenizer_dir.is_dir():
         raise FileNotFoundError(
             f"tokenizer directory {tokenizer_dir} not found (the run's data.shards)"
@@ -127,8 +115,11 @@ def make_encoder(model: nn.Module, tokenizer_dir: Path, device: str = "cpu") -> 
                    torch.device(device))  # fmt: skip
 
 
-def random_encoder(cfg_model: dict, vocab_size: int, tokenizer_dir: Path, seed: int = 0) -> Encoder:
-    """A freshly initialised encoder of the same preset (the random-init baseline), seeded."""
+def random_encoder(cfg_model: dict[str, Any], vocab_size: int, tokenizer_dir: Path,
+                   seed: int = 0) -> Encoder:  # fmt: skip
+    """A freshly initialised encoder of the same architecture (the random-init baseline), seeded.
+
+    ``cfg_model``: a run's ``model`` config or an export's ``model`` section (see
+    :func:`lang_jepa.models.encoder_config`)."""
     torch.manual_seed(seed)
-    model = build_encoder(encoder_hparams(cfg_model, vocab_size))
-    return make_encoder(model, tokenizer_dir)
+    return make_encoder(build_encoder(cfg_model, vocab_size), tokenizer_dir)
