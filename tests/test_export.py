@@ -17,10 +17,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lang_jepa import checkpoint
 from lang_jepa.config import load_config
 from lang_jepa.data.reader import decode_sample, read_shard
 from lang_jepa.data.windows import cut_windows
 from lang_jepa.export import ExportError, export
+from lang_jepa.export import main as export_main
 from lang_jepa.models import encoder_config, pool_by_slot
 from lang_jepa.objective import build_models
 from lang_jepa.shards import load_manifest, shard_urls, tokenizer_fingerprint
@@ -130,6 +132,29 @@ def test_export_online_is_the_fp32_master_encoder(runs, tmp_path):
     assert max(float((online2[k] - target[k]).abs().max()) for k in target) > 1e-4
 
 
+def test_checkpoint_readers_give_what_export_writes(runs, tmp_path):
+    """One reader for training, export and evaluation (lang_jepa.checkpoint): the same checkpoint
+    from a run, checkpoints or tag directory; the consolidated state is the whole DeepSpeed module
+    in fp32, and its encoder part and the target state are exactly what export writes."""
+    for zero, run in runs.items():
+        ckpt_dir, tag = checkpoint.locate(run)
+        assert (ckpt_dir, tag) == (run / "checkpoints", _tag_dir(run).name)
+        for where in ((ckpt_dir,), (ckpt_dir / tag,), (run, tag)):
+            assert checkpoint.locate(*where) == (ckpt_dir, tag)
+        full = checkpoint.consolidated_state(ckpt_dir, tag)
+        assert all(v.dtype == torch.float32 for v in full.values())
+        cfg = load_config(str(run / "config.yaml"))
+        jepa, _ = build_models(cfg, cfg.model.vocab_size)
+        jepa.load_state_dict(full, strict=True)  # encoder and predictor, every parameter
+        online = load_file(str(export(run, tmp_path / zero, which="online") / "model.safetensors"))
+        enc = checkpoint.encoder_state(full)
+        assert enc.keys() == online.keys() and all(torch.equal(enc[k], online[k]) for k in online)
+        target = checkpoint.target_state(ckpt_dir, tag)
+        exported = load_file(str(export(run, tmp_path / f"{zero}_t") / "model.safetensors"))
+        assert target.keys() == exported.keys()
+        assert all(torch.equal(target[k], exported[k]) for k in exported)
+
+
 def test_export_config_is_the_encoders_architecture_and_v1_exports_load(runs, tmp_path):
     from lang_jepa import Encoder
 
@@ -216,9 +241,12 @@ def test_exported_encoder_embeds_like_the_training_encoder(runs, tmp_path, tiny_
     np.testing.assert_allclose(first[0], want_first.numpy(), atol=1e-5)
 
 
-def test_export_errors_name_the_path(runs, tmp_path):
+def test_export_errors_name_the_path(runs, tmp_path, capsys):
     with pytest.raises(ExportError, match="does not exist"):
         export(tmp_path / "nothing", tmp_path / "out")
+    # the command line: exit code 1 and the message, no traceback
+    assert export_main([str(tmp_path / "nothing"), "--out", str(tmp_path / "out")]) == 1
+    assert capsys.readouterr().err == f"error: {tmp_path / 'nothing'} does not exist\n"
     empty = tmp_path / "empty_run"
     (empty / "checkpoints").mkdir(parents=True)
     with pytest.raises(ExportError, match=f"{empty / 'checkpoints'}.*'latest' missing"):

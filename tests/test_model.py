@@ -192,6 +192,32 @@ def test_one_encoder_builder_for_training_export_and_baselines(tiny_shards):
         build_encoder({k: v for k, v in section.items() if k != "seq_len"}, vocab)
 
 
+def test_only_the_engine_imports_deepspeed_and_models_know_no_engine():
+    """DeepSpeed is imported by lang_jepa/engine.py only; models/ knows nothing of the engine,
+    torch.distributed, checkpoint files or logging (STYLE rules 1 and 15)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "lang_jepa"
+    seen_engine = False
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                if name.split(".")[0] == "deepspeed":
+                    assert path == root / "engine.py", f"{path} imports {name}"
+                    seen_engine = True
+                if path.parent == root / "models":
+                    banned = ("deepspeed", "torch.distributed", "safetensors", "logging")
+                    assert not name.startswith(banned), f"{path} imports {name}"
+    assert seen_engine
+
+
 def test_no_weight_decay_on_biases_and_norms(tiny_shards):
     _, model, _, _, _ = setup_batch(tiny_shards)
     decay, no_decay = param_groups(model)

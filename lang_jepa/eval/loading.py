@@ -18,14 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from lang_jepa import checkpoint
 from lang_jepa.config import Config, load_config
 from lang_jepa.encoder_api import FORMAT, TOKENIZER_DIR, Encoder, load_tokenizer
-from lang_jepa.export import (
-    locate_checkpoint,
-    read_checkpoint_meta,
-    target_state_dict,
-    zero0_module_states,
-)
 from lang_jepa.models import TextEncoder, build_encoder
 from lang_jepa.objective import JEPA, build_models
 
@@ -60,24 +55,13 @@ def run_objective(cfg: Config) -> str:
     return "jepa"
 
 
-def _full_state(ckpt_dir: Path, tag: str, zero_stage: int) -> dict[str, torch.Tensor]:
-    """The DeepSpeed module's consolidated fp32 state_dict (every parameter, not only the encoder)."""
-    if zero_stage >= 1:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
-    else:
-        state = zero0_module_states(ckpt_dir / tag)
-    return {k: v.float() for k, v in state.items()}
-
-
 def load_run(run_dir: str | Path, tag: str | None = None) -> LoadedRun:
     """Models of a run directory at ``tag`` (default: ``checkpoints/latest``)."""
     run = Path(run_dir)
     cfg = load_config(str(run / "config.yaml"))
-    ckpt_dir, tag = locate_checkpoint(run, tag)
-    meta = read_checkpoint_meta(ckpt_dir, tag)
-    state = _full_state(ckpt_dir, tag, int(meta.get("zero_stage", 0)))
+    ckpt_dir, tag = checkpoint.locate(run, tag)
+    meta = checkpoint.read_meta(ckpt_dir, tag)
+    state = checkpoint.consolidated_state(ckpt_dir, tag)
     objective = run_objective(cfg)
     vocab = (
         int(state["encoder.tok_emb.weight"].shape[0])
@@ -92,12 +76,10 @@ def load_run(run_dir: str | Path, tag: str | None = None) -> LoadedRun:
         online = jepa.encoder
     else:  # e.g. mlm: only the encoder's weights are shared with the JEPA layout
         jepa = None
-        enc = {k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")}
         online = build_encoder(cfg.model, vocab).eval()
-        online.load_state_dict(enc, strict=True)
-    target_file = ckpt_dir / tag / "target_encoder.safetensors"
-    if target_file.is_file():
-        target.load_state_dict(target_state_dict(ckpt_dir / tag), strict=True)
+        online.load_state_dict(checkpoint.encoder_state(state), strict=True)
+    if checkpoint.has_target(ckpt_dir, tag):
+        target.load_state_dict(checkpoint.target_state(ckpt_dir, tag), strict=True)
     else:
         target = None
     tok = Path(cfg.data.shards) / TOKENIZER_DIR
