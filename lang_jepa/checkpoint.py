@@ -14,6 +14,11 @@
 only after every rank has finished writing (DeepSpeed's own ``latest`` is written before the other
 ranks are done, so it is switched off). A crash while writing leaves the previous checkpoint whole
 and ``latest`` pointing at it.
+
+Reading is done here only, for the trainer's resume, export and evaluation alike: :func:`locate`
+(a run, checkpoints or tag directory -> (checkpoints directory, tag)), :func:`read_meta`,
+:func:`target_state` (the EMA target encoder) and :func:`consolidated_state` (the DeepSpeed
+module's full fp32 state_dict, consolidated from the ZeRO partitions). Every error names the path.
 """
 
 from __future__ import annotations
@@ -29,10 +34,13 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from torch import Tensor
 
 log = logging.getLogger("lang_jepa")
 TARGET_FILE = "target_encoder.safetensors"
 META_FILE = "meta.json"
+MODULE_STATES_FILE = "mp_rank_00_model_states.pt"  # DeepSpeed's module states (ZeRO-0: the weights)
+ENCODER_PREFIX = "encoder."  # the encoder inside the DeepSpeed module (objective.JEPA, mlm.MLM)
 
 
 class CheckpointError(RuntimeError):
@@ -137,11 +145,110 @@ def _prune(ckpt_dir: Path, keep: int, current: str) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def locate(path: str | Path, tag: str | None = None) -> tuple[Path, str]:
+    """(checkpoints directory, tag) of a complete checkpoint, from a run directory, its
+    ``checkpoints/`` directory or one ``checkpoints/<tag>/`` directory. Without ``tag`` the
+    checkpoint named by ``latest`` is taken (or the tag directory itself)."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p} does not exist")
+    if tag is None and (p / META_FILE).is_file():
+        return p.parent, p.name
+    ckpt_dir = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+    if tag is None:
+        tag = latest_tag(ckpt_dir)
+        if not tag:
+            raise CheckpointError(
+                f"{ckpt_dir}: no checkpoint ('latest' missing); name a tag or a checkpoint directory"
+            )
+    if not (ckpt_dir / tag).is_dir():
+        raise CheckpointError(f"{ckpt_dir / tag}: no such checkpoint")
+    read_meta(ckpt_dir, tag)  # complete?
+    return ckpt_dir, tag
+
+
 def read_meta(ckpt_dir: Path, tag: str) -> dict[str, Any]:
+    """A checkpoint's ``meta.json``: step, world size, ZeRO stage, resolved config, manifest hash."""
     path = ckpt_dir / tag / META_FILE
     if not path.is_file():
-        raise CheckpointError(f"{ckpt_dir / tag}: incomplete checkpoint ({META_FILE} missing)")
-    return json.loads(path.read_text())
+        raise CheckpointError(
+            f"{ckpt_dir / tag}: incomplete checkpoint ({META_FILE} missing; the run may have died "
+            "while writing it)"
+        )
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err})") from err
+    for key in ("step", "config"):
+        if key not in meta:
+            raise CheckpointError(f"{path}: no {key!r} entry")
+    return meta
+
+
+def has_target(ckpt_dir: Path, tag: str) -> bool:
+    """Whether the checkpoint holds an EMA target encoder (JEPA runs; not the MLM control)."""
+    return (ckpt_dir / tag / TARGET_FILE).is_file()
+
+
+def target_state(ckpt_dir: Path, tag: str) -> dict[str, Tensor]:
+    """The EMA target encoder's fp32 state_dict, as saved with the checkpoint (on CPU)."""
+    path = ckpt_dir / tag / TARGET_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path} missing: incomplete checkpoint")
+    return {k: v.float() for k, v in load_file(str(path)).items()}
+
+
+def consolidated_state(ckpt_dir: Path, tag: str) -> dict[str, Tensor]:
+    """The DeepSpeed module's full fp32 state_dict (encoder and predictor or head), on CPU.
+
+    ZeRO >= 1: the fp32 master weights, consolidated from every rank's partitions
+    (:func:`lang_jepa.engine.consolidated_fp32_state`, DeepSpeed's ``zero_to_fp32``). ZeRO-0: the
+    module states DeepSpeed saved, the fp32 weights themselves in fp32 training (bf16 training at
+    ZeRO-0 keeps no fp32 masters on disk: its bf16 weights are upcast, with a warning).
+    """
+    zero_stage = int(read_meta(ckpt_dir, tag).get("zero_stage", 0))
+    if zero_stage >= 1:
+        from . import engine  # imports DeepSpeed, so only when a ZeRO checkpoint is read
+
+        try:
+            state = engine.consolidated_fp32_state(ckpt_dir, tag)
+        except (FileNotFoundError, ValueError, KeyError) as err:
+            raise CheckpointError(
+                f"{ckpt_dir / tag}: cannot consolidate the ZeRO-{zero_stage} checkpoint ({err})"
+            ) from err
+    else:
+        state = _zero0_module_state(ckpt_dir / tag)
+    return {k: v.float() for k, v in state.items()}
+
+
+def encoder_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The encoder's part of a :func:`consolidated_state` (``encoder.*`` keys, prefix removed)."""
+    n = len(ENCODER_PREFIX)
+    return {k[n:]: v for k, v in state.items() if k.startswith(ENCODER_PREFIX)}
+
+
+def _zero0_module_state(tag_dir: Path) -> dict[str, Tensor]:
+    path = tag_dir / MODULE_STATES_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path} missing: incomplete ZeRO-0 checkpoint")
+    try:
+        states = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - DeepSpeed pickles non-tensor objects beside the weights
+        # DeepSpeed's own zero_to_fp32 loads these files with pickle too: read trusted runs only.
+        log.warning("%s needs pickle to load (DeepSpeed's format); loading it as trusted", path)
+        states = torch.load(path, map_location="cpu", weights_only=False)
+    module = states.get("module")
+    if not isinstance(module, dict):
+        raise CheckpointError(f"{path}: no 'module' state_dict")
+    dtypes = {v.dtype for v in module.values() if torch.is_tensor(v)}
+    if dtypes != {torch.float32}:
+        log.warning(
+            "%s holds %s module weights (bf16 training at ZeRO-0): reading them upcast to fp32; "
+            "the exact fp32 masters need ZeRO >= 1",
+            path,
+            sorted(map(str, dtypes)),
+        )
+    return module
 
 
 def load(engine: Any, ckpt_dir: Path, tag: str, target: torch.nn.Module | None) -> dict[str, Any]:
@@ -160,8 +267,7 @@ def load(engine: Any, ckpt_dir: Path, tag: str, target: torch.nn.Module | None) 
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load {ckpt_dir / tag}")
     if target is not None:
-        device = str(next(target.parameters()).device)
-        target.load_state_dict(load_file(str(ckpt_dir / tag / TARGET_FILE), device=device))
+        target.load_state_dict(target_state(ckpt_dir, tag))
     state_file = ckpt_dir / tag / f"trainer_state_rank{engine.global_rank}.pt"
     if not state_file.is_file():
         raise CheckpointError(f"{state_file} is missing")

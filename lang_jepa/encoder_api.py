@@ -5,7 +5,7 @@ An export directory (written by :mod:`lang_jepa.export`) holds ``model.safetenso
 came from) and ``tokenizer/`` (the shards' tokenizer).
 
 Embeddings are pooled exactly as training pools its targets: a text is split into sentences with
-blingfire, each sentence is tokenized on its own without special tokens (as preprocessing does),
+:func:`lang_jepa.sentences.split_sentences` (preprocessing's blingfire splitter), each sentence is tokenized on its own without special tokens (as preprocessing does),
 runs of whole consecutive sentences of at most ``seq_len`` tokens form windows (a longer sentence
 is cut into ``seq_len`` pieces first), the encoder reads each window with positions ``0..n-1``,
 and an embedding is the mean of the final features of its tokens. Three granularities:
@@ -34,40 +34,38 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .data.windows import split_long_sentences, window_bounds
-from .models import TextEncoder
+from .models import TextEncoder, build_encoder
+from .sentences import split_sentences
 
-FORMAT = "lang-jepa-encoder/1"
+FORMAT = "lang-jepa-encoder/2"  # /2: config.json's "model" is models.encoder_config (seq_len)
+FORMAT_V1 = "lang-jepa-encoder/1"  # /1: "model" held TextEncoder arguments (max_len); still read
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
-# TextEncoder constructor arguments, in config.json's "model" section.
-ENCODER_KEYS = ("vocab_size", "dim", "depth", "heads", "mlp_ratio", "max_len", "pos", "rope_theta",
-                "norm_eps", "dropout", "init_std")  # fmt: skip
 
 Doc = tuple[np.ndarray, np.ndarray]  # (token ids [T], sentence offsets [S + 1]), the shard fields
 
 
-def encoder_hparams(model_cfg: dict[str, Any], vocab_size: int | None = None) -> dict[str, Any]:
-    """TextEncoder arguments from a resolved config's ``model`` section (``seq_len`` -> max_len)."""
-    h = {k: model_cfg[k] for k in ENCODER_KEYS if k not in ("max_len", "vocab_size")}
-    h["max_len"] = int(model_cfg["seq_len"])
-    h["vocab_size"] = int(vocab_size if vocab_size is not None else model_cfg["vocab_size"])
-    return h
-
-
-def build_encoder(hparams: dict[str, Any]) -> TextEncoder:
-    """A TextEncoder from config.json's ``model`` section (random weights, eval mode)."""
-    return TextEncoder(**{k: hparams[k] for k in ENCODER_KEYS}).eval()
-
-
-def split_sentences(text: str) -> list[str]:
-    """Sentences of ``text`` as blingfire finds them (the splitter preprocessing uses)."""
-    import blingfire
-
-    if not text.strip():
-        return []
-    _, spans = blingfire.text_to_sentences_and_offsets(text)
-    return [text[a:b] for a, b in spans]
+def read_export_config(path: str | Path) -> dict[str, Any]:
+    """An export directory's ``config.json``; its ``model`` section is the encoder's
+    :func:`~lang_jepa.models.encoder_config` (``vocab_size``, ``seq_len``, ``dim``, ...)."""
+    root = Path(path)
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if not (root / name).is_file():
+            raise FileNotFoundError(
+                f"{root / name} not found: not a LANG-JEPA export directory "
+                "(write one with python -m lang_jepa.export RUN_DIR --out DIR)"
+            )
+    config = json.loads((root / CONFIG_NAME).read_text())
+    if config.get("format") == FORMAT_V1:
+        model = dict(config["model"])
+        model["seq_len"] = model.pop("max_len")
+        config = {**config, "format": FORMAT, "model": model}
+    if config.get("format") != FORMAT:
+        raise ValueError(
+            f"{root / CONFIG_NAME}: format {config.get('format')!r}, expected {FORMAT!r}"
+        )
+    return config
 
 
 def load_tokenizer(path: Path) -> Any:
@@ -99,7 +97,7 @@ class Encoder:
         self.config = config
         self.device = device
         self.dtype = dtype
-        self.seq_len = int(config["model"]["max_len"])
+        self.seq_len = int(config["model"]["seq_len"])
         self.dim = int(config["model"]["dim"])
 
     @classmethod
@@ -109,18 +107,8 @@ class Encoder:
         from safetensors.torch import load_file
 
         root = Path(path)
-        for name in (CONFIG_NAME, WEIGHTS_NAME):
-            if not (root / name).is_file():
-                raise FileNotFoundError(
-                    f"{root / name} not found: not a LANG-JEPA export directory "
-                    "(write one with python -m lang_jepa.export RUN_DIR --out DIR)"
-                )
-        config = json.loads((root / CONFIG_NAME).read_text())
-        if config.get("format") != FORMAT:
-            raise ValueError(
-                f"{root / CONFIG_NAME}: format {config.get('format')!r}, expected {FORMAT!r}"
-            )
-        model = build_encoder(config["model"])
+        config = read_export_config(root)
+        model = build_encoder(config["model"], config["model"]["vocab_size"])
         model.load_state_dict(load_file(str(root / WEIGHTS_NAME)), strict=True)
         tok_dir = root / TOKENIZER_DIR
         tokenizer = load_tokenizer(tok_dir) if tok_dir.is_dir() else None

@@ -1,8 +1,9 @@
 """DeepSpeed wiring: the only module that imports deepspeed.
 
 Distributed start-up (with or without a launcher), the engine config filled from ours (the HF
-Trainer's ``"auto"`` convention), parameter groups and optimizer, schedule application, and the
-fp32 master-weight fragments the EMA update reads under ZeRO-0..3 and the all-gathers it uses.
+Trainer's ``"auto"`` convention), parameter groups and optimizer, schedule application, the
+fp32 master-weight fragments the EMA update reads under ZeRO-0..3 and the all-gathers it uses, and
+the consolidation of a ZeRO checkpoint's partitioned fp32 masters (for :mod:`lang_jepa.checkpoint`).
 """
 
 from __future__ import annotations
@@ -304,6 +305,15 @@ def all_reduce_mean(values: Tensor) -> Tensor:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def consolidated_fp32_state(ckpt_dir: Path, tag: str) -> dict[str, Tensor]:
+    """The module's full fp32 state_dict from a ZeRO-1/2/3 checkpoint ``ckpt_dir/tag``: every
+    rank's partition of the fp32 master weights put back together (DeepSpeed's ``zero_to_fp32``;
+    runs on CPU, no process group needed)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
 
 
 def max_allocated_gb(dev: torch.device) -> float | None:

@@ -1,33 +1,23 @@
 """Worker-side text processing: blingfire sentences -> fast-tokenizer ids -> packed arrays.
 
 This module is what worker processes import, so it stays light (numpy, tokenizers, blingfire).
-
-Sentence splitting calls blingfire's own ``TextToSentencesWithOffsets`` (the function behind
-``blingfire.text_to_sentences_and_offsets``) through the ctypes handle blingfire exposes, and maps
-its byte offsets to text with slicing instead of blingfire's per-byte Python loop: the sentences
-are identical (a test checks it on the whole demo corpus) and splitting runs ~5x faster, which is
-what keeps the pipeline within a few percent of the tokenizer's own speed.
+Sentences come from :func:`lang_jepa.sentences.split_sentences`, the splitter the Encoder API uses
+too, so shards and encoded texts are cut into the same sentences.
 """
 
 from __future__ import annotations
 
-import ctypes
 import itertools
 from dataclasses import dataclass, field
 
-import blingfire
 import numpy as np
 from tokenizers import AddedToken, Tokenizer
 
-# Texts longer than this are cut (at a newline or space where there is one) before blingfire sees
-# them, so a 10 MB line without punctuation costs linear time and bounded buffers.
-PRESPLIT_CHARS = 1 << 20
+from lang_jepa.sentences import split_sentences
 
 # Joins a document's sentences for one encode call; private-use characters, never in real text (a
 # document that holds it is encoded sentence by sentence instead).
 SENTENCE_MARK = "\ue000lang-jepa-sentence\ue001"
-
-_SPLIT_FN = blingfire.blingfire.TextToSentencesWithOffsets
 
 
 @dataclass(slots=True)
@@ -42,59 +32,6 @@ class DocOut:
     chunks: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
     cut: int = 0
     empty: int = 0
-
-
-def _presplit(text: str, limit: int = PRESPLIT_CHARS) -> list[str]:
-    """Cut a very long text into pieces of at most ``limit`` chars, at a newline or space if any."""
-    pieces, start = [], 0
-    while len(text) - start > limit:
-        end = start + limit
-        cut = -1
-        for sep in ("\n", ". ", " "):
-            cut = text.rfind(sep, start + limit // 2, end)
-            if cut >= 0:
-                cut += len(sep)
-                break
-        cut = end if cut < 0 else cut
-        pieces.append(text[start:cut])
-        start = cut
-    pieces.append(text[start:])
-    return pieces
-
-
-def _split_segment(text: str) -> list[str]:
-    data = text.encode("utf-8")
-    cap = 2 * len(data) + 16
-    out = ctypes.create_string_buffer(cap)
-    starts = np.empty(cap, dtype=np.int32)
-    ends = np.empty(cap, dtype=np.int32)
-    n_out = _SPLIT_FN(
-        ctypes.c_char_p(data),
-        ctypes.c_int(len(data)),
-        ctypes.byref(out),
-        starts.ctypes.data_as(ctypes.c_void_p),
-        ends.ctypes.data_as(ctypes.c_void_p),
-        ctypes.c_int(cap),
-    )
-    if n_out <= 0 or n_out > cap:
-        return [text] if text.strip() else []
-    count = out.value.count(b"\n") + 1
-    try:
-        # blingfire's end offsets are inclusive (the last byte of the sentence).
-        return [
-            data[a : e + 1].decode("utf-8")
-            for a, e in zip(starts[:count].tolist(), ends[:count].tolist(), strict=True)
-        ]
-    except UnicodeDecodeError:  # an offset inside a character: use blingfire's slow mapping
-        _, spans = blingfire.text_to_sentences_and_offsets(text)
-        return [text[a:b] for a, b in spans]
-
-
-def split_sentences(text: str) -> list[str]:
-    """Sentences of ``text`` as blingfire finds them (whitespace between sentences dropped)."""
-    if len(text) <= PRESPLIT_CHARS:
-        return _split_segment(text)
-    return [s for piece in _presplit(text) for s in _split_segment(piece)]
 
 
 def _chunk_bounds(lengths: np.ndarray, max_chunk_tokens: int) -> list[int]:

@@ -13,26 +13,15 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from lang_jepa import checkpoint
 from lang_jepa.config import Config, load_config
-from lang_jepa.encoder_api import (
-    FORMAT,
-    TOKENIZER_DIR,
-    Encoder,
-    build_encoder,
-    encoder_hparams,
-    load_tokenizer,
-)
-from lang_jepa.export import (
-    locate_checkpoint,
-    read_checkpoint_meta,
-    target_state_dict,
-    zero0_module_states,
-)
-from lang_jepa.models import TextEncoder
+from lang_jepa.encoder_api import FORMAT, TOKENIZER_DIR, Encoder, load_tokenizer
+from lang_jepa.models import TextEncoder, build_encoder
 from lang_jepa.objectives import JEPA, build_models
 
 log = logging.getLogger("lang_jepa.eval")
@@ -66,24 +55,13 @@ def run_objective(cfg: Config) -> str:
     return "jepa"
 
 
-def _full_state(ckpt_dir: Path, tag: str, zero_stage: int) -> dict[str, torch.Tensor]:
-    """The DeepSpeed module's consolidated fp32 state_dict (every parameter, not only the encoder)."""
-    if zero_stage >= 1:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
-    else:
-        state = zero0_module_states(ckpt_dir / tag)
-    return {k: v.float() for k, v in state.items()}
-
-
 def load_run(run_dir: str | Path, tag: str | None = None) -> LoadedRun:
     """Models of a run directory at ``tag`` (default: ``checkpoints/latest``)."""
     run = Path(run_dir)
     cfg = load_config(str(run / "config.yaml"))
-    ckpt_dir, tag = locate_checkpoint(run, tag)
-    meta = read_checkpoint_meta(ckpt_dir, tag)
-    state = _full_state(ckpt_dir, tag, int(meta.get("zero_stage", 0)))
+    ckpt_dir, tag = checkpoint.locate(run, tag)
+    meta = checkpoint.read_meta(ckpt_dir, tag)
+    state = checkpoint.consolidated_state(ckpt_dir, tag)
     objective = run_objective(cfg)
     vocab = (
         int(state["encoder.tok_emb.weight"].shape[0])
@@ -98,27 +76,19 @@ def load_run(run_dir: str | Path, tag: str | None = None) -> LoadedRun:
         online = jepa.encoder
     else:  # e.g. mlm: only the encoder's weights are shared with the JEPA layout
         jepa = None
-        enc = {k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")}
-        online = build_encoder(encoder_hparams(_model_dict(cfg), vocab))
-        online.load_state_dict(enc, strict=True)
-    target_file = ckpt_dir / tag / "target_encoder.safetensors"
-    if target_file.is_file():
-        target.load_state_dict(target_state_dict(ckpt_dir / tag), strict=True)
+        online = build_encoder(cfg.model, vocab).eval()
+        online.load_state_dict(checkpoint.encoder_state(state), strict=True)
+    if checkpoint.has_target(ckpt_dir, tag):
+        target.load_state_dict(checkpoint.target_state(ckpt_dir, tag), strict=True)
     else:
         target = None
     tok = Path(cfg.data.shards) / TOKENIZER_DIR
     return LoadedRun(cfg, int(meta["step"]), tag, objective, jepa, target, online, tok, vocab)
 
 
-def _model_dict(cfg: Config) -> dict:
-    from lang_jepa.config import to_dict
-
-    return to_dict(cfg)["model"]
-
-
 def make_encoder(model: nn.Module, tokenizer_dir: Path, device: str = "cpu") -> Encoder:
     """Wrap a TextEncoder (any weights: target, online, random) in the public Encoder API."""
-    hp = {"max_len": int(model.max_len), "dim": int(model.dim)}
+    hp = {"seq_len": int(model.max_len), "dim": int(model.dim)}
     if not tokenizer_dir.is_dir():
         raise FileNotFoundError(
             f"tokenizer directory {tokenizer_dir} not found (the run's data.shards)"
@@ -127,8 +97,11 @@ def make_encoder(model: nn.Module, tokenizer_dir: Path, device: str = "cpu") -> 
                    torch.device(device))  # fmt: skip
 
 
-def random_encoder(cfg_model: dict, vocab_size: int, tokenizer_dir: Path, seed: int = 0) -> Encoder:
-    """A freshly initialised encoder of the same preset (the random-init baseline), seeded."""
+def random_encoder(cfg_model: dict[str, Any], vocab_size: int, tokenizer_dir: Path,
+                   seed: int = 0) -> Encoder:  # fmt: skip
+    """A freshly initialised encoder of the same architecture (the random-init baseline), seeded.
+
+    ``cfg_model``: a run's ``model`` config or an export's ``model`` section (see
+    :func:`lang_jepa.models.encoder_config`)."""
     torch.manual_seed(seed)
-    model = build_encoder(encoder_hparams(cfg_model, vocab_size))
-    return make_encoder(model, tokenizer_dir)
+    return make_encoder(build_encoder(cfg_model, vocab_size), tokenizer_dir)

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from lang_jepa.config import to_dict
-from lang_jepa.encoder_api import CONFIG_NAME, TOKENIZER_DIR, Encoder
+from lang_jepa.encoder_api import CONFIG_NAME, TOKENIZER_DIR, Encoder, read_export_config
 
 from .loading import LoadedRun, is_run_dir, load_run, make_encoder, random_encoder
 from .predictor import eval_batches, predictor_eval
@@ -79,9 +78,8 @@ def _baseline(name: str, path: Path, run: LoadedRun | None) -> Embedder:
         if run is not None:
             model_cfg, tok, vocab = to_dict(run.cfg)["model"], run.tokenizer_dir, run.vocab_size
         else:
-            cfg = json.loads((path / CONFIG_NAME).read_text())["model"]
-            model_cfg = {**cfg, "seq_len": cfg["max_len"]}
-            tok, vocab = path / TOKENIZER_DIR, cfg["vocab_size"]
+            model_cfg = read_export_config(path)["model"]
+            tok, vocab = path / TOKENIZER_DIR, model_cfg["vocab_size"]
         return EncoderEmbedder(random_encoder(model_cfg, vocab, tok), "random")
     raise ValueError(f"unknown baseline {name!r} (choose from {', '.join(BASELINES)})")
 

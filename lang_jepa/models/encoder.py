@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
-from .layers import BlockStack, Segments, forward_flops_per_token, init_weights, rope_cos_sin
+from .layers import BlockStack, Segments, init_weights, rope_cos_sin
+
+if TYPE_CHECKING:  # type only: the model code does not read configs
+    from lang_jepa.config import ModelConfig
+
+# The encoder's architecture, as ``ModelConfig`` fields (what an export's config.json records)
+ENCODER_FIELDS = ("seq_len", "dim", "depth", "heads", "mlp_ratio", "pos", "rope_theta", "norm_eps",
+                  "dropout", "init_std")  # fmt: skip
 
 
 def pool_by_slot(x: Tensor, slot: Tensor, valid: Tensor, n_slots: int) -> Tensor:
@@ -94,9 +104,36 @@ class TextEncoder(_Checkpointable):
         # no `valid.all()` check to drop the mask: it would cost a host sync every forward
         return self.stack(x, rope, segments if segments is not None else valid)
 
-    def flops_per_token(self, seq: int) -> float:
-        """Forward FLOPs per token attending over ``seq`` tokens (embedding lookups are free)."""
-        return forward_flops_per_token(self.dim, self.depth, self.mlp_ratio, seq)
+
+def encoder_config(model_cfg: ModelConfig | Mapping[str, Any], vocab_size: int) -> dict[str, Any]:
+    """The encoder's architecture: :data:`ENCODER_FIELDS` of ``model_cfg`` (a ``ModelConfig``, a
+    resolved config's ``model`` dict or an export's ``config.json`` ``model`` section) and
+    ``vocab_size``. The export's ``model`` section is this dict."""
+    fields = _fields(model_cfg)
+    missing = [k for k in ENCODER_FIELDS if k not in fields]
+    if missing:
+        raise ValueError(f"model config lacks the encoder field(s) {', '.join(missing)}")
+    return {"vocab_size": int(vocab_size), **{k: fields[k] for k in ENCODER_FIELDS}}
+
+
+def build_encoder(model_cfg: ModelConfig | Mapping[str, Any], vocab_size: int) -> TextEncoder:
+    """A freshly initialised :class:`TextEncoder` (train mode) of the architecture ``model_cfg``
+    describes (see :func:`encoder_config`), for ``vocab_size`` token ids; activation checkpointing
+    as ``model_cfg.activation_checkpointing`` says (off where the field is absent).
+
+    The one encoder builder: training, export, the Encoder API and the random-init baseline."""
+    c = encoder_config(model_cfg, vocab_size)
+    encoder = TextEncoder(
+        c["vocab_size"], c["dim"], c["depth"], c["heads"], mlp_ratio=c["mlp_ratio"],
+        max_len=c["seq_len"], pos=c["pos"], rope_theta=c["rope_theta"], norm_eps=c["norm_eps"],
+        dropout=c["dropout"], init_std=c["init_std"],
+    )  # fmt: skip
+    encoder.activation_checkpointing = bool(_fields(model_cfg).get("activation_checkpointing"))
+    return encoder
+
+
+def _fields(model_cfg: ModelConfig | Mapping[str, Any]) -> Mapping[str, Any]:
+    return dataclasses.asdict(model_cfg) if dataclasses.is_dataclass(model_cfg) else model_cfg
 
 
 class Predictor(_Checkpointable):
@@ -166,7 +203,3 @@ class Predictor(_Checkpointable):
         else:
             x = x.gather(1, tgt_at[..., None].expand(-1, -1, x.shape[-1]))
         return self.out(pool_by_slot(x, tgt_sent, tgt_valid, n_slots))
-
-    def flops_per_token(self, seq: int) -> float:
-        """Forward FLOPs per token (input/output projections counted per target token separately)."""
-        return forward_flops_per_token(self.dim, self.depth, self.mlp_ratio, seq)

@@ -180,17 +180,9 @@ def compile_blocks(stack: BlockStack) -> None:
 
 
 def matmul_params(dim: int, depth: int, mlp_ratio: float) -> int:
-    """Weights that take part in a matmul per token, per block stack (biases and norms excluded)."""
+    """Weights that take part in a matmul per token, per block stack (biases and norms excluded):
+    the one count FLOPs per token are derived from (2 FLOPs per weight and token, forward)."""
     return depth * (4 * dim * dim + 2 * dim * int(dim * mlp_ratio))
-
-
-def forward_flops_per_token(dim: int, depth: int, mlp_ratio: float, seq: int) -> float:
-    """Forward FLOPs for one token of a block stack attending over ``seq`` tokens.
-
-    2 FLOPs per multiply-add of every matmul weight, plus attention's QK^T and AV
-    (2 * 2 * seq * dim per layer).
-    """
-    return 2.0 * matmul_params(dim, depth, mlp_ratio) + 4.0 * depth * seq * dim
 
 
 def init_weights(module: nn.Module, std: float) -> None:

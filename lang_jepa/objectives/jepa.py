@@ -23,7 +23,7 @@ from .. import engine, schedules
 from ..config import Config, LossConfig
 from ..ema import EmaSync, ema_update
 from ..metrics import stream_flops
-from ..models import Predictor, TextEncoder, pool_by_slot
+from ..models import Predictor, TextEncoder, build_encoder, pool_by_slot
 from ..models.layers import compile_blocks
 from .base import (
     Batch,
@@ -92,15 +92,11 @@ class JEPA(nn.Module):
 def build_models(cfg: Config, vocab_size: int) -> tuple[JEPA, TextEncoder]:
     """(trainable JEPA, fp32 target encoder initialised as an exact copy of the context encoder)."""
     m, p = cfg.model, cfg.predictor
-    encoder = TextEncoder(
-        vocab_size, m.dim, m.depth, m.heads, m.mlp_ratio, m.seq_len, m.pos, m.rope_theta,
-        m.norm_eps, m.dropout, m.init_std,
-    )  # fmt: skip
+    encoder = build_encoder(m, vocab_size)  # activation checkpointing as the config says
     predictor = Predictor(
         m.dim, p.dim, p.depth, p.heads, p.mlp_ratio, m.seq_len, m.pos, m.rope_theta, m.norm_eps,
         m.init_std,
     )  # fmt: skip
-    encoder.activation_checkpointing = m.activation_checkpointing
     predictor.activation_checkpointing = m.activation_checkpointing
     target = copy.deepcopy(encoder).float().eval()
     target.activation_checkpointing = False

@@ -17,11 +17,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lang_jepa import checkpoint
 from lang_jepa.config import load_config
 from lang_jepa.data.reader import decode_sample, read_shard
 from lang_jepa.data.windows import cut_windows
 from lang_jepa.export import ExportError, export
-from lang_jepa.models import pool_by_slot
+from lang_jepa.export import main as export_main
+from lang_jepa.models import encoder_config, pool_by_slot
 from lang_jepa.objectives import build_models
 from lang_jepa.shards import load_manifest, shard_urls, tokenizer_fingerprint
 
@@ -130,6 +132,55 @@ def test_export_online_is_the_fp32_master_encoder(runs, tmp_path):
     assert max(float((online2[k] - target[k]).abs().max()) for k in target) > 1e-4
 
 
+def test_checkpoint_readers_give_what_export_writes(runs, tmp_path):
+    """One reader for training, export and evaluation (lang_jepa.checkpoint): the same checkpoint
+    from a run, checkpoints or tag directory; the consolidated state is the whole DeepSpeed module
+    in fp32, and its encoder part and the target state are exactly what export writes."""
+    for zero, run in runs.items():
+        ckpt_dir, tag = checkpoint.locate(run)
+        assert (ckpt_dir, tag) == (run / "checkpoints", _tag_dir(run).name)
+        for where in ((ckpt_dir,), (ckpt_dir / tag,), (run, tag)):
+            assert checkpoint.locate(*where) == (ckpt_dir, tag)
+        full = checkpoint.consolidated_state(ckpt_dir, tag)
+        assert all(v.dtype == torch.float32 for v in full.values())
+        cfg = load_config(str(run / "config.yaml"))
+        jepa, _ = build_models(cfg, cfg.model.vocab_size)
+        jepa.load_state_dict(full, strict=True)  # encoder and predictor, every parameter
+        online = load_file(str(export(run, tmp_path / zero, which="online") / "model.safetensors"))
+        enc = checkpoint.encoder_state(full)
+        assert enc.keys() == online.keys() and all(torch.equal(enc[k], online[k]) for k in online)
+        target = checkpoint.target_state(ckpt_dir, tag)
+        exported = load_file(str(export(run, tmp_path / f"{zero}_t") / "model.safetensors"))
+        assert target.keys() == exported.keys()
+        assert all(torch.equal(target[k], exported[k]) for k in exported)
+
+
+def test_export_config_is_the_encoders_architecture_and_v1_exports_load(runs, tmp_path):
+    from lang_jepa import Encoder
+
+    run = runs["zero2"]
+    out = export(run, tmp_path / "v2")
+    config = json.loads((out / "config.json").read_text())
+    cfg = load_config(str(run / "config.yaml"))
+    assert config["format"] == "lang-jepa-encoder/2"
+    assert config["model"] == encoder_config(cfg.model, cfg.model.vocab_size)
+    new = Encoder.from_pretrained(out, device="cpu")
+    # an export written before the model section took ModelConfig's names (max_len, not seq_len)
+    v1_model = {k: v for k, v in config["model"].items() if k != "seq_len"}
+    v1 = {
+        **config,
+        "format": "lang-jepa-encoder/1",
+        "model": {**v1_model, "max_len": cfg.model.seq_len},
+    }
+    (out / "config.json").write_text(json.dumps(v1))
+    old = Encoder.from_pretrained(out, device="cpu")
+    assert (
+        old.seq_len == new.seq_len == cfg.model.seq_len and old.config["model"] == config["model"]
+    )
+    text = "The old export still embeds. It gives the same vectors."
+    assert torch.equal(old.encode([text], level="document"), new.encode([text], level="document"))
+
+
 def _val_document(shards: Path) -> tuple[str, np.ndarray, np.ndarray]:
     """(raw text, shard tokens, shard sentence offsets) of the first validation document."""
     url = shard_urls(shards, "val")[0]
@@ -190,9 +241,12 @@ def test_exported_encoder_embeds_like_the_training_encoder(runs, tmp_path, tiny_
     np.testing.assert_allclose(first[0], want_first.numpy(), atol=1e-5)
 
 
-def test_export_errors_name_the_path(runs, tmp_path):
+def test_export_errors_name_the_path(runs, tmp_path, capsys):
     with pytest.raises(ExportError, match="does not exist"):
         export(tmp_path / "nothing", tmp_path / "out")
+    # the command line: exit code 1 and the message, no traceback
+    assert export_main([str(tmp_path / "nothing"), "--out", str(tmp_path / "out")]) == 1
+    assert capsys.readouterr().err == f"error: {tmp_path / 'nothing'} does not exist\n"
     empty = tmp_path / "empty_run"
     (empty / "checkpoints").mkdir(parents=True)
     with pytest.raises(ExportError, match=f"{empty / 'checkpoints'}.*'latest' missing"):

@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from lang_jepa.sentences import split_sentences
 from lang_jepa.shards import load_manifest
 from preprocessing.build_shards import main as build
-from preprocessing.textproc import split_sentences
 from tests.helpers import REPO, build_and_read, check_counts, read_back
 
 pytestmark = pytest.mark.processes

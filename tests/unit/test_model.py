@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lang_jepa.engine import param_groups
-from lang_jepa.models import pool_by_slot
+from lang_jepa.models import build_encoder, encoder_config, pool_by_slot
 from lang_jepa.models.layers import matmul_params
 from lang_jepa.objectives import compute_targets, jepa_loss
 from tests.helpers import setup_batch
@@ -156,6 +156,56 @@ def test_flops_count_every_matmul_weight(tiny_shards):
             m.weight.numel() for m in module.stack.modules() if isinstance(m, torch.nn.Linear)
         )
         assert matmul_params(module.dim, module.depth, module.mlp_ratio) == weights
+
+
+def test_one_encoder_builder_for_training_export_and_baselines(tiny_shards):
+    """build_encoder gives the training encoder (same seed, same weights) from the ModelConfig, the
+    resolved config's model dict or an export's model section alike."""
+    from lang_jepa.config import to_dict
+
+    cfg, model, _, batch, vocab = setup_batch(tiny_shards, "model.pos=learned")
+    section = encoder_config(cfg.model, vocab)  # what an export's config.json records
+    assert section["vocab_size"] == vocab and section["seq_len"] == cfg.model.seq_len
+    for source in (cfg.model, to_dict(cfg)["model"], section):
+        torch.manual_seed(0)  # setup_batch's seed: build_models builds the encoder first
+        encoder = build_encoder(source, vocab)
+        assert encoder.training and encoder.max_len == cfg.model.seq_len
+        want = model.encoder.state_dict()
+        got = encoder.state_dict()
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    checkpointed = build_encoder({**section, "activation_checkpointing": True}, vocab)
+    assert (
+        checkpointed.activation_checkpointing
+        and not build_encoder(section, vocab).activation_checkpointing
+    )
+    with pytest.raises(ValueError, match="seq_len"):
+        build_encoder({k: v for k, v in section.items() if k != "seq_len"}, vocab)
+
+
+def test_only_the_engine_imports_deepspeed_and_models_know_no_engine():
+    """DeepSpeed is imported by lang_jepa/engine.py only; models/ knows nothing of the engine,
+    torch.distributed, checkpoint files or logging (STYLE rules 1 and 15)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "lang_jepa"
+    seen_engine = False
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                if name.split(".")[0] == "deepspeed":
+                    assert path == root / "engine.py", f"{path} imports {name}"
+                    seen_engine = True
+                if path.parent == root / "models":
+                    banned = ("deepspeed", "torch.distributed", "safetensors", "logging")
+                    assert not name.startswith(banned), f"{path} imports {name}"
+    assert seen_engine
 
 
 def test_no_weight_decay_on_biases_and_norms(tiny_shards):
