@@ -1,8 +1,9 @@
-# LANG-JEPA — the commands a newcomer types. Everything runs from .venv/ in the repo root.
+# LANG-JEPA — the commands a newcomer types. Everything runs from .venv/, where `make setup`
+# installs the pinned requirements and then this project (editable: lang_jepa, preprocessing).
 SHELL := /bin/bash
 PYTHON ?= python3
 PY := .venv/bin/python
-STAMP := .venv/.installed-$(shell cat requirements.txt | sha256sum | cut -c1-12)
+STAMP := .venv/.installed-$(shell cat requirements.txt pyproject.toml | sha256sum | cut -c1-12)
 DEMO_RAW := data/demo/raw
 DEMO_SHARDS := data/demo/shards
 DEMO_RUN := runs/demo
@@ -16,10 +17,11 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.venv/torch_extensions
 .PHONY: setup demo-data eval-data demo-shards demo test test-fast lint format clean-demo
 
 setup: $(STAMP)
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
 	rm -f .venv/.installed-* && touch $@
 
 demo-data: setup $(DEMO_RAW)/.complete

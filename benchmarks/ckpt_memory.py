@@ -23,7 +23,6 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def one(preset: str, shards: str, checkpointing: bool, micro_batch: int) -> tuple[float, float]:
-    sys.path.insert(0, str(REPO))
     import torch
 
     from lang_jepa.config import load_config

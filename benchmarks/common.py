@@ -11,7 +11,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -22,11 +21,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from lang_jepa.data.synthetic import Doc, write_shards
 
-from lang_jepa.data.synthetic import Doc, write_shards  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]  # the checkout: ds_configs/ and data/ defaults
 
 Batch = dict[str, Tensor]
 SYNTHETIC_VOCAB = 30522  # the BERT vocabulary the demo shards use

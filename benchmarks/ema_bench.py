@@ -30,12 +30,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import common  # noqa: E402
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from torch import Tensor  # noqa: E402
+import common  # beside this script, which Python (and torchrun) put first on sys.path
+import torch
+import torch.distributed as dist
+from torch import Tensor
 
 REPO = common.REPO
 

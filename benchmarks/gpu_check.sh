@@ -7,6 +7,7 @@
 #
 # Steps (each with a time limit; a failed step is reported and the others still run):
 #   wheels      carried wheels in .whl/ are installed into /tmp/site (PYTHONPATH), if present
+#   (library)   lang_jepa as installed, else this checkout on PYTHONPATH (a bare GPU machine)
 #   env         GPU, torch/CUDA/DeepSpeed versions, op compatibility; FusedAdam and CPUAdam are
 #               built in the background while the next steps run
 #   paths       fast paths: flash SDPA with no mask, the backend used with a padding mask and in a
@@ -100,6 +101,14 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     step wheels 120 "$PY" -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
   fi
+fi
+
+# The library: installed (`make setup` / pip install -e .) or, on a bare GPU machine with no
+# install, this checkout on PYTHONPATH (checked from / so that the current directory does not count)
+FIND='import importlib.util as u, sys; sys.exit(not (u.find_spec("lang_jepa") and u.find_spec("preprocessing")))'
+if [ "$MODE" != dry ] && ! (cd / && "$PY" -c "$FIND"); then
+  echo "== lang_jepa is not installed for $PY: using this checkout ($PWD) on PYTHONPATH"
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
 
 # --- environment; build the DeepSpeed ops in the background while the checks start ----------

