@@ -7,11 +7,14 @@
 - :func:`probe_accuracy`: logistic regression on frozen features, fixed seeded stratified split.
 - Health: :func:`effective_rank` (RankMe), :func:`per_dim_std`, :func:`alignment` and
   :func:`uniformity` (Wang & Isola 2020, on L2-normalised embeddings).
+- :func:`fit_postprocess`: centring or whitening fitted on unlabelled embeddings, for the
+  cosine-based tasks (a shared offset or a few dominant directions can hide what cosine sees).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +28,7 @@ __all__ = [
     "RetrievalResult",
     "alignment",
     "effective_rank",
+    "fit_postprocess",
     "health",
     "per_dim_std",
     "probe_accuracy",
@@ -122,6 +126,31 @@ def retrieval(queries: Tensor, candidates: Tensor, correct: Tensor | None = None
     if correct is None:
         correct = torch.arange(queries.shape[0])
     return retrieval_from_scores(cosine_scores(queries, candidates), correct, cand_valid)
+
+
+POSTPROCESS = ("raw", "centred", "whitened")
+
+
+def fit_postprocess(z: np.ndarray | Tensor, mode: str) -> Callable[[Tensor], Tensor]:
+    """A map of embeddings [..., D] fitted on z [N, D] (unlabelled evaluation embeddings):
+    ``raw`` (identity), ``centred`` (minus the mean of z) or ``whitened`` (centred, then times
+    the inverse square root of z's Ledoit-Wolf shrunk covariance; shrinkage keeps it defined
+    when N < D). Returns fp32 tensors."""
+    if mode not in POSTPROCESS:
+        raise ValueError(f"postprocess {mode!r} is not one of {', '.join(POSTPROCESS)}")
+    z64 = torch.as_tensor(np.asarray(z, dtype=np.float64))
+    mu = z64.mean(0)
+    if mode == "raw":
+        return lambda x: torch.as_tensor(x).float()
+    if mode == "centred":
+        return lambda x: (torch.as_tensor(x).double() - mu).float()
+    from sklearn.covariance import ledoit_wolf
+
+    cov = torch.as_tensor(ledoit_wolf(z64.numpy())[0])
+    vals, vecs = torch.linalg.eigh(cov)
+    vals = vals.clamp(min=float(vals.max()) * 1e-12)
+    w = vecs @ torch.diag(vals.rsqrt()) @ vecs.T
+    return lambda x: ((torch.as_tensor(x).double() - mu) @ w).float()
 
 
 def spearman(x: np.ndarray | Tensor, y: np.ndarray | Tensor) -> float:

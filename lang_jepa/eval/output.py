@@ -17,6 +17,8 @@ ENCODER_ROWS = (
     ("dim_std_normalized", "per-dim std (L2-normed)", True),
     ("uniformity", "uniformity (lower = spread)", False),
     ("alignment", "alignment, adjacent sentences", False),
+    ("lee_spearman_centred", "Lee50 Spearman, centred embeddings", True),
+    ("lee_spearman_whitened", "Lee50 Spearman, whitened embeddings", True),
 )
 USES_CONTEXT_RATIO = 1.05  # shuffled / true-context loss above which the context counts as used
 PREDICTOR_COLS = (

@@ -44,7 +44,14 @@ from lang_jepa.objectives import (
     target_features,
 )
 
-from .metrics import RetrievalResult, cosine_scores, effective_rank, health, retrieval_from_scores
+from .metrics import (
+    RetrievalResult,
+    cosine_scores,
+    effective_rank,
+    fit_postprocess,
+    health,
+    retrieval_from_scores,
+)
 
 Batch = dict[str, Tensor]
 METHODS = ("model", "shuffled", "copy_context", "copy_neighbour", "batch_mean")
@@ -225,12 +232,24 @@ def method_metrics(outs: list[dict[str, Any]], method: str, loss_cfg: LossConfig
     return out
 
 
+def _mapped(o: dict[str, Any], fn: Any) -> dict[str, Any]:
+    """One batch's outputs with ``fn`` applied to every embedding (targets, predictions, window
+    sentences)."""
+    sents = o["sents"]
+    if sents is not None:
+        sents = (fn(sents[0]), sents[1], sents[2])
+    preds = {k: fn(v) for k, v in o["preds"].items()}
+    return {**o, "targets": fn(o["targets"]), "preds": preds, "sents": sents}
+
+
 def predictor_eval(model: JEPA, target: TextEncoder, batches: list[Batch], loss_cfg: LossConfig,
                    autocast: torch.dtype | None = None, pool_size: int = 256,
                    seed: int = 0) -> dict[str, Any]:  # fmt: skip
     """Every method's loss and retrieval on ``batches`` plus health of targets and predictions.
 
-    Returns {"methods": {method: {metric: value}}, "health": {"targets": ..., "predictions":
+    Returns {"methods": {method: {metric: value}}, "methods_centred" / "methods_whitened": the
+    retrieval metrics after centring / whitening with statistics of the evaluation sentences'
+    target embeddings, "health": {"targets": ..., "predictions":
     ...}, "shuffled_loss_ratio", "shuffled_same_doc_frac", "n_queries", "ranks": model's
     expected ranks (for the histogram)}."""
     was_training = model.training
@@ -247,8 +266,19 @@ def predictor_eval(model: JEPA, target: TextEncoder, batches: list[Batch], loss_
     res = {m: method_metrics(outs, m, loss_cfg, pool_size) for m in methods}
     t = torch.cat([o["targets"][o["slot_valid"]] for o in outs])
     p = torch.cat([o["preds"]["model"][o["slot_valid"]] for o in outs])
+    # retrieval again after centring / whitening every embedding with statistics of the
+    # evaluation sentences' target embeddings (every window sentence when known), no labels
+    fit_on = torch.cat([o["sents"][0][o["sents"][1]] for o in outs]) if outs[0]["sents"] else t
+    spaces = {}
+    for mode in ("centred", "whitened"):
+        mapped = [_mapped(o, fit_postprocess(fit_on, mode)) for o in outs]
+        spaces[f"methods_{mode}"] = {
+            m: {k: v for k, v in method_metrics(mapped, m, loss_cfg, pool_size).items() if k != "loss"}
+            for m in methods
+        }  # fmt: skip
     return {
         "methods": res,
+        **spaces,
         "health": {"targets": health(t), "predictions": health(p, pairs=(p, t))},
         "shuffled_loss_ratio": res["shuffled"]["loss"] / max(res["model"]["loss"], 1e-12),
         "shuffled_same_doc_frac": same_doc,

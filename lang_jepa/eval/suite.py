@@ -90,7 +90,9 @@ def encoder_tasks(embedders: list[Embedder], rt: tuple[list[str], np.ndarray] | 
     out: dict[str, dict[str, float]] = {}
     for emb in embedders:
         start = time.perf_counter()
-        row = {"lee_spearman": lee_similarity(emb)["spearman"]}
+        lee = lee_similarity(emb)
+        row = {"lee_spearman": lee["spearman"], "lee_spearman_centred": lee["spearman_centred"],
+               "lee_spearman_whitened": lee["spearman_whitened"]}  # fmt: skip
         if rt is not None:
             probe = sentiment_probe(emb, *rt)
             row["rt_accuracy"], row["rt_train_accuracy"] = (

@@ -25,7 +25,7 @@ import torch
 
 from lang_jepa.encoder_api import Encoder, split_sentences
 
-from .metrics import health, probe_accuracy, spearman
+from .metrics import POSTPROCESS, fit_postprocess, health, probe_accuracy, spearman
 
 RT_FILE = "rotten_tomatoes_corpus_full.csv.bz2"
 DEFAULT_EVAL_DATA = Path("data/eval")
@@ -110,13 +110,18 @@ def lee_corpus() -> tuple[list[str], np.ndarray]:
 
 
 def lee_similarity(embedder: Embedder) -> dict[str, float]:
-    """Spearman of cosine similarity vs the 1,225 human ratings of Lee document pairs."""
+    """Spearman of cosine similarity vs the 1,225 human ratings of Lee document pairs, on the raw
+    embeddings and on the embeddings centred / whitened with statistics of the 50 documents'
+    own embeddings (:func:`~.metrics.fit_postprocess`; no ratings used)."""
     docs, human = lee_corpus()
     z = torch.from_numpy(np.asarray(embedder.documents(docs), dtype=np.float32))
-    z = torch.nn.functional.normalize(z, dim=-1)
-    cos = (z @ z.T).numpy()
     iu = np.triu_indices(len(docs), k=1)
-    return {"spearman": spearman(cos[iu], human[iu]), "n_pairs": float(len(iu[0]))}
+    out = {"n_pairs": float(len(iu[0]))}
+    for mode in POSTPROCESS:
+        zn = torch.nn.functional.normalize(fit_postprocess(z, mode)(z), dim=-1)
+        cos = (zn @ zn.T).numpy()
+        out["spearman" if mode == "raw" else f"spearman_{mode}"] = spearman(cos[iu], human[iu])
+    return out
 
 
 def rotten_tomatoes(
