@@ -25,7 +25,8 @@ from lang_jepa.experiment.spec import model_config
 
 from .helpers import cpu_env
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = [pytest.mark.processes, pytest.mark.engine]
 TINY_SLOTS = 4 * 64  # the tiny preset's token slots per step (micro-batch 4 x seq_len 64)
 
 
