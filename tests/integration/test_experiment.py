@@ -22,8 +22,7 @@ from lang_jepa.eval.metrics import fit_postprocess, spearman
 from lang_jepa.experiment import ExperimentError, load_experiment
 from lang_jepa.experiment.__main__ import main
 from lang_jepa.experiment.spec import model_config
-
-from .helpers import cpu_env
+from tests.helpers import cpu_env
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.processes, pytest.mark.engine]
