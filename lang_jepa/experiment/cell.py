@@ -26,13 +26,14 @@ from typing import Any
 
 from safetensors.torch import save_file
 
-from lang_jepa.checkpoint import latest_tag, tag_for
+from lang_jepa.checkpoint import TARGET_FILE, latest_tag, tag_for
 from lang_jepa.encoder_api import CONFIG_NAME, FORMAT, TOKENIZER_DIR, WEIGHTS_NAME, Encoder
 from lang_jepa.eval.loading import load_run, random_encoder
 from lang_jepa.eval.predictor import eval_batches, predictor_eval
 from lang_jepa.eval.suite import encoder_tasks
 from lang_jepa.eval.tasks import EncoderEmbedder
-from lang_jepa.export import TARGET_FILE, export
+from lang_jepa.export import export
+from lang_jepa.models import encoder_config
 from lang_jepa.report import read_jsonl
 
 from .spec import Cell, ExperimentSpec, model_config
@@ -137,14 +138,12 @@ def export_random(cell: Cell, out: Path) -> Path:
     model_cfg, vocab = model_config(cell.cfg)
     tok = Path(cell.cfg.data.shards) / TOKENIZER_DIR
     enc = random_encoder(model_cfg, vocab, tok, seed=cell.seed)
-    from lang_jepa.encoder_api import encoder_hparams
-
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in enc.model.state_dict().items()}
     save_file(state, str(out / WEIGHTS_NAME), metadata={"format": FORMAT, "which": "init"})
     shutil.rmtree(out / TOKENIZER_DIR, ignore_errors=True)
     shutil.copytree(tok, out / TOKENIZER_DIR)
-    config = {"format": FORMAT, "which": "init", "model": encoder_hparams(model_cfg, vocab),
+    config = {"format": FORMAT, "which": "init", "model": encoder_config(model_cfg, vocab),
               "source": {"kind": "random_init", "seed": cell.seed, "step": 0},
               "tokenizer": {"dir": TOKENIZER_DIR, "source": str(tok.resolve())}}  # fmt: skip
     (out / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
