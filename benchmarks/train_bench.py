@@ -449,7 +449,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.check_paths:
             result["checks"] = check_paths(args, trainer)
         elif args.vs:
-            other = Trainer.build(load_config(args.preset, overrides + args.vs), args.ds_config)
+            # its own run directory: one training per run directory (the run-dir lock)
+            vs_overrides = [*overrides, *args.vs, f"train.run_dir={tmp / 'run_vs'}"]
+            other = Trainer.build(load_config(args.preset, vs_overrides), args.ds_config)
             result["settings"]["vs"] = args.vs
             result.update(run_bench(args, trainer, timer, other))
         else:
