@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         trainer = Trainer.build(cfg, args.deepspeed_config)
-    except (ConfigError, CheckpointError, RunDirBusy, ValueError) as err:  # ShardFormatError too
+    # a user error: one line naming the key, file or shard (ShardFormatError is a ValueError)
+    except (ConfigError, CheckpointError, RunDirBusy, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:

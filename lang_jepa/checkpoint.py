@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -72,27 +73,93 @@ def _tuples(x: Any) -> Any:
     return tuple(_tuples(v) for v in x) if isinstance(x, list | tuple) else x
 
 
+TAG_RE = re.compile(r"step\d{8}")
+
+
 def latest_tag(ckpt_dir: Path) -> str | None:
+    """The tag ``latest`` names, or None when there is no ``latest`` (it may be "" or garbage:
+    :func:`resolve_resume` judges it)."""
     latest = ckpt_dir / "latest"
-    return latest.read_text().strip() if latest.is_file() else None
+    if not latest.is_file():
+        return None
+    try:
+        return latest.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return "\ufffd"  # unreadable: no tag directory has this name
+
+
+def step_tags(ckpt_dir: Path) -> list[str]:
+    """The ``step*`` checkpoint directories, oldest first (complete or not)."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and TAG_RE.fullmatch(p.name))
+
+
+def complete_tags(ckpt_dir: Path) -> list[str]:
+    """The checkpoints whose ``meta.json`` (written last) reads back, oldest first."""
+    out = []
+    for tag in step_tags(ckpt_dir):
+        try:
+            read_meta(ckpt_dir, tag)
+        except CheckpointError:
+            continue
+        out.append(tag)
+    return out
 
 
 def resolve_resume(resume: str, ckpt_dir: Path) -> tuple[Path, str] | None:
-    """Where to resume from: ``auto`` (the run's latest, if any), ``none``, or a path to a
-    ``<tag>`` directory or to a checkpoints directory holding ``latest``."""
+    """Where to resume from: ``auto`` (the run's ``latest``; None in a run directory without
+    checkpoints), ``none`` (a fresh start on purpose), or a path to a ``<tag>`` directory or to a
+    checkpoints directory holding ``latest``.
+
+    A run directory that holds checkpoints is never restarted silently: with ``auto``, a
+    ``latest`` that is empty, unreadable or names no checkpoint, and ``step*`` directories
+    without ``latest``, raise :class:`CheckpointError` naming the newest complete checkpoint and
+    the two ways on (``train.resume=PATH`` or ``train.resume=none``)."""
     if resume == "none":
         return None
     if resume == "auto":
         tag = latest_tag(ckpt_dir)
-        return (ckpt_dir, tag) if tag else None
+        if tag is None:
+            if not step_tags(ckpt_dir):
+                return None  # a new run
+            problem = "checkpoints but no 'latest' file"
+        elif TAG_RE.fullmatch(tag) and (ckpt_dir / tag).is_dir():
+            return ckpt_dir, tag
+        elif not tag:
+            problem = "an empty 'latest' file (a crash or a full disk while it was written?)"
+        else:
+            problem = f"a 'latest' file naming {tag[:40]!r}, which is not a checkpoint there"
+        raise CheckpointError(_refuse_restart(ckpt_dir, problem))
     path = Path(resume)
     if (path / "latest").is_file():
-        return path, latest_tag(path) or ""
+        tag = latest_tag(path) or ""
+        if not (TAG_RE.fullmatch(tag) and (path / tag).is_dir()):
+            raise CheckpointError(
+                _refuse_restart(path, f"train.resume={resume!r}: its 'latest' names {tag[:40]!r}")
+            )
+        return path, tag
     if (path / META_FILE).is_file():
         return path.parent, path.name
     raise CheckpointError(
         f"train.resume={resume!r}: no checkpoint there (want a checkpoint directory with "
         f"{META_FILE}, or a checkpoints directory with a 'latest' file)"
+    )
+
+
+def _refuse_restart(ckpt_dir: Path, problem: str) -> str:
+    complete = complete_tags(ckpt_dir)
+    if complete:
+        newest = ckpt_dir / complete[-1]
+        found = (
+            f"the newest complete checkpoint is {newest}: resume from it with train.resume={newest}"
+        )
+    else:
+        found = "no complete checkpoint is there"
+    return (
+        f"{ckpt_dir} holds {problem}; not starting afresh over it. {found}, or start afresh on "
+        "purpose with train.resume=none (the run directory's checkpoints and logs are then moved "
+        "to superseded/, never deleted)"
     )
 
 
@@ -122,27 +189,44 @@ def save(
     )
     out = ckpt_dir / tag
     torch.save(state, out / f"trainer_state_rank{rank}.pt")
-    if rank == 0:
-        if target is not None:
-            weights = {k: v.detach().contiguous().cpu() for k, v in target.state_dict().items()}
-            save_file(weights, str(out / TARGET_FILE))
-        _write_atomic(out / META_FILE, json.dumps(meta, indent=2, default=str))
+    if rank == 0 and target is not None:
+        weights = {k: v.detach().contiguous().cpu() for k, v in target.state_dict().items()}
+        save_file(weights, str(out / TARGET_FILE))
     barrier()  # every rank has written everything
     if rank == 0:
+        # meta.json last, with every file and its size: its presence means "complete", and a
+        # file lost or truncated later is named at load time
+        files = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}
+        meta = {**meta, "files": files}
+        _write_atomic(out / META_FILE, json.dumps(meta, indent=2, default=str))
         _write_atomic(ckpt_dir / "latest", tag)
-        _prune(ckpt_dir, keep, tag)
+        _prune(ckpt_dir, keep, tag, meta.get("sequence"))
     barrier()
     log.info("saved checkpoint %s", out)
     return out
 
 
-def _prune(ckpt_dir: Path, keep: int, current: str) -> None:
-    if keep <= 0:
+def _prune(ckpt_dir: Path, keep: int, current: str, sequence: str | None) -> None:
+    """Keep the newest ``keep`` checkpoints of this run's sequence (``meta.json``'s
+    ``sequence``, carried across resumes), ``current`` among them. Never deleted: a checkpoint
+    newer than ``current``, one of another sequence (another run, or one started afresh in this
+    directory) and one whose ``meta.json`` does not read back (it cannot be attributed)."""
+    if keep <= 0 or sequence is None:
         return
-    tags = sorted(p for p in ckpt_dir.glob("step*") if p.is_dir())
-    for old in tags[:-keep]:
-        if old.name != current:
-            shutil.rmtree(old, ignore_errors=True)
+    step = int(read_meta(ckpt_dir, current)["step"])
+    ours = []
+    for tag in step_tags(ckpt_dir):
+        if tag == current:
+            continue
+        try:
+            meta = read_meta(ckpt_dir, tag)
+        except CheckpointError:
+            continue
+        if meta.get("sequence") == sequence and int(meta["step"]) < step:
+            ours.append((int(meta["step"]), tag))
+    for _, tag in sorted(ours)[: max(0, len(ours) - (keep - 1))]:
+        shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+        log.info("pruned checkpoint %s (train.keep_checkpoints=%d)", ckpt_dir / tag, keep)
 
 
 def locate(path: str | Path, tag: str | None = None) -> tuple[Path, str]:
@@ -163,7 +247,7 @@ def locate(path: str | Path, tag: str | None = None) -> tuple[Path, str]:
             )
     if not (ckpt_dir / tag).is_dir():
         raise CheckpointError(f"{ckpt_dir / tag}: no such checkpoint")
-    read_meta(ckpt_dir, tag)  # complete?
+    check_files(ckpt_dir, tag, read_meta(ckpt_dir, tag))  # complete and undamaged?
     return ckpt_dir, tag
 
 
@@ -183,6 +267,20 @@ def read_meta(ckpt_dir: Path, tag: str) -> dict[str, Any]:
         if key not in meta:
             raise CheckpointError(f"{path}: no {key!r} entry")
     return meta
+
+
+def check_files(ckpt_dir: Path, tag: str, meta: dict[str, Any]) -> None:
+    """Every file ``meta.json`` lists is there with its size, or CheckpointError naming them
+    (checkpoints written before the list was kept are not checked)."""
+    bad = []
+    for name, size in meta.get("files", {}).items():
+        path = ckpt_dir / tag / name
+        if not path.is_file():
+            bad.append(f"{name} is missing")
+        elif path.stat().st_size != int(size):
+            bad.append(f"{name} has {path.stat().st_size} bytes, {size} when written")
+    if bad:
+        raise CheckpointError(f"{ckpt_dir / tag}: damaged checkpoint: {'; '.join(bad)}")
 
 
 def has_target(ckpt_dir: Path, tag: str) -> bool:
@@ -251,11 +349,10 @@ def _zero0_module_state(tag_dir: Path) -> dict[str, Tensor]:
     return module
 
 
-def load(engine: Any, ckpt_dir: Path, tag: str, target: torch.nn.Module | None) -> dict[str, Any]:
-    """Load model, optimizer and target encoder; returns this rank's trainer state. A checkpoint
-    that cannot be loaded is an error, never a silent fresh start."""
+def read_state(ckpt_dir: Path, tag: str, rank: int, world: int) -> tuple[dict, dict]:
+    """(meta, this rank's trainer state) of a checkpoint to resume from, checked before anything
+    is loaded: written by as many ranks, every file there with its size."""
     meta = read_meta(ckpt_dir, tag)
-    world = engine.world_size if hasattr(engine, "world_size") else None
     if meta.get("world_size") not in (None, world):
         raise CheckpointError(
             f"{ckpt_dir / tag} was written by {meta['world_size']} ranks, this run has {world}: "
@@ -263,14 +360,23 @@ def load(engine: Any, ckpt_dir: Path, tag: str, target: torch.nn.Module | None) 
             "state (convert it with DeepSpeed's ds_to_universal.py and resume with "
             "checkpoint.load_universal in the DeepSpeed config)"
         )
-    load_path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    check_files(ckpt_dir, tag, meta)
+    state_file = ckpt_dir / tag / f"trainer_state_rank{rank}.pt"
+    if not state_file.is_file():
+        raise CheckpointError(f"{state_file} is missing")
+    return meta, torch.load(state_file, weights_only=True)
+
+
+def load(engine: Any, ckpt_dir: Path, tag: str, target: torch.nn.Module | None) -> None:
+    """Load model, optimizer and target encoder (after :func:`read_state`). A checkpoint that
+    cannot be loaded is an error, never a silent fresh start."""
+    try:
+        load_path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    except (AssertionError, OSError, KeyError, RuntimeError) as err:  # DeepSpeed's own checks
+        raise CheckpointError(
+            f"DeepSpeed could not load {ckpt_dir / tag} ({type(err).__name__}: {err})"
+        ) from err
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load {ckpt_dir / tag}")
     if target is not None:
         target.load_state_dict(target_state(ckpt_dir, tag))
-    state_file = ckpt_dir / tag / f"trainer_state_rank{engine.global_rank}.pt"
-    if not state_file.is_file():
-        raise CheckpointError(f"{state_file} is missing")
-    state = torch.load(state_file, weights_only=True)
-    log.info("resumed from %s (step %d)", ckpt_dir / tag, state["step"])
-    return state

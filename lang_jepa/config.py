@@ -17,7 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 PRESET_DIR = Path(__file__).parent / "configs"
 # The values of ``objective``: the keys of lang_jepa.objectives.OBJECTIVES (checked there at import;
 # kept here so that reading a config imports no model or engine code).
-OBJECTIVE_NAMES = ("jepa", "mlm")
+OBJECTIVE_NAMES = ("jepa", "mlm", "jepa+mlm")
 
 
 class ConfigError(ValueError):
@@ -81,13 +81,31 @@ class MaskConfig:
 
 
 @dataclass
+class TargetConfig:
+    """What the EMA target encoder gives the predictor to match (data2vec's choices)."""
+
+    tensor: str = "final"  # final (the encoder's output) | block (each block's output) | ffn
+    #                        (each block's FFN output before its residual, data2vec)
+    layers: int = 1  # block | ffn: the average of the top-K blocks (final: must be 1)
+    norm: str = "layer"  # each layer before averaging: layer (no affine) | instance | none
+    level: str = "sentence"  # sentence: each target sentence's mean | token: every target token
+
+
+@dataclass
 class LossConfig:
-    type: str = "smooth_l1"  # smooth_l1 | l2 | cosine
+    type: str = "smooth_l1"  # smooth_l1 | l2 | cosine | infonce (contrastive only)
     smooth_l1_beta: float = 1.0
-    reg: str = "none"  # none | vicreg | sigreg, on the predictions
+    # InfoNCE: each prediction scored against every target of the micro-batch (the same window's
+    # other targets are the hard negatives); added with this weight to a regression type
+    infonce_weight: float = 0.0
+    temperature: float = 0.1
+    reg: str = "none"  # none | vicreg | sigreg
+    reg_on: str = "predictions"  # predictions | context (the context encoder's token features)
     reg_weight: float = 0.0
     vicreg_cov_weight: float = 0.04  # covariance / variance weight inside the vicreg term
+    sigreg_slices: int = 64  # random 1-D projections per SIGReg evaluation (LeJEPA: ~1024)
     mlm_prob: float = 0.15  # objective=mlm: share of tokens predicted (BERT's 80/10/10 corruption)
+    mlm_weight: float = 1.0  # objective=jepa+mlm: weight of the token loss beside the latent loss
 
 
 @dataclass
@@ -139,6 +157,7 @@ class EvalConfig:
     batches: int = 4  # validation batches that subset reads
     collapse_min_rank_frac: float = 0.02  # alarm: RankMe of pooled targets < this x model.dim
     collapse_min_target_std: float = 0.05  # alarm: mean per-dimension std of targets below this
+    collapse_min_pred_std: float = 0.01  # alarm: mean per-dimension std of predictions below this
     collapse_patience: int = 3  # consecutive logging checks under a threshold before the alarm
     collapse_stop: bool = False  # stop the run (exit 3) when the alarm trips
 
@@ -152,6 +171,7 @@ class Config:
     predictor: PredictorConfig = field(default_factory=PredictorConfig)
     data: DataConfig = field(default_factory=DataConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -208,7 +228,8 @@ RANGES: dict[str, tuple[float | None, float | None, bool]] = {
         ["model.dim", "model.depth", "model.heads", "model.mlp_ratio", "model.rope_theta",
          "model.norm_eps", "model.init_std", "predictor.dim", "predictor.depth", "predictor.heads",
          "predictor.mlp_ratio", "data.prefetch_factor", "data.shuffle_buffer", "train.val_batches",
-         "eval.batches", "log.rankme_window", "loss.smooth_l1_beta"],
+         "eval.batches", "log.rankme_window", "loss.smooth_l1_beta", "loss.temperature",
+         "loss.sigreg_slices", "target.layers"],
         (0, None, False),
     ),  # sizes > 0
     **dict.fromkeys(
@@ -216,8 +237,8 @@ RANGES: dict[str, tuple[float | None, float | None, bool]] = {
          "optim.grad_clip", "optim.weight_decay", "optim.final_weight_decay", "optim.eps",
          "train.global_batch_size", "train.save_interval", "train.keep_checkpoints",
          "train.exit_at_step", "train.max_skipped_steps", "train.val_interval", "eval.interval",
-         "eval.collapse_patience", "eval.collapse_min_target_std", "loss.reg_weight",
-         "loss.vicreg_cov_weight"],
+         "eval.collapse_patience", "eval.collapse_min_target_std", "eval.collapse_min_pred_std",
+         "loss.reg_weight", "loss.vicreg_cov_weight", "loss.infonce_weight", "loss.mlm_weight"],
         (0, None, True),
     ),  # counts and weights >= 0
     **dict.fromkeys(["optim.lr", "optim.start_lr", "optim.min_lr"], (0, None, True)),  # LR >= 0
@@ -279,9 +300,34 @@ def validate(cfg: Config) -> None:
     )
     _check(0 < cfg.loss.mlm_prob < 1, "loss.mlm_prob", "must be in (0, 1)")
     _check(
-        cfg.loss.type in ("smooth_l1", "l2", "cosine"), "loss.type", f"{cfg.loss.type!r} unknown"
+        cfg.loss.type in ("smooth_l1", "l2", "cosine", "infonce"),
+        "loss.type",
+        f"{cfg.loss.type!r} is not smooth_l1 | l2 | cosine | infonce",
     )
     _check(cfg.loss.reg in ("none", "vicreg", "sigreg"), "loss.reg", f"{cfg.loss.reg!r} unknown")
+    _check(
+        cfg.loss.reg_on in ("predictions", "context"),
+        "loss.reg_on",
+        f"{cfg.loss.reg_on!r} is not predictions | context",
+    )
+    tg = cfg.target
+    _check(
+        tg.tensor in ("final", "block", "ffn"),
+        "target.tensor",
+        f"{tg.tensor!r} not final | block | ffn",
+    )
+    _check(
+        tg.norm in ("layer", "instance", "none"),
+        "target.norm",
+        f"{tg.norm!r} is not layer | instance | none",
+    )
+    _check(tg.level in ("sentence", "token"), "target.level", f"{tg.level!r} not sentence | token")
+    _check(tg.layers <= m.depth, "target.layers", f"{tg.layers} > model.depth ({m.depth})")
+    _check(
+        tg.tensor != "final" or tg.layers == 1,
+        "target.layers",
+        "target.tensor=final is one tensor: use block or ffn to average the top K",
+    )
     _check(len(o.betas) == 2, "optim.betas", "needs two values")
     _check(all(0 <= b < 1 for b in o.betas), "optim.betas", f"{o.betas} not in [0, 1)")
     _check(

@@ -149,19 +149,35 @@ class Encoder:
 
     def encode(self, texts: str | Sequence[str], level: Literal["sentence", "document"] = "sentence",
                batch_size: int = 32, normalize: bool = False, layer_norm: bool = False,
-               as_numpy: bool = False) -> Tensor | np.ndarray:  # fmt: skip
+               as_numpy: bool = False, empty: Literal["error", "zero"] = "error") -> Tensor | np.ndarray:  # fmt: skip
         """Embeddings [T, D] (fp32, on CPU) of ``texts`` (a str gives [1, D]).
 
         ``level="sentence"``: each text is embedded as one sentence; ``level="document"``: each
         text is split into sentences, windowed, and all its tokens mean-pooled. ``batch_size``
-        counts windows per forward pass. A text without any token gets a zero vector.
+        counts windows per forward pass.
+
+        A text without any token (empty, or whitespace only) has nothing to embed: ``empty="error"``
+        (the default) raises ValueError naming its index; ``empty="zero"`` gives it an all-zero
+        row, left zero by ``normalize`` and ``layer_norm`` (its cosine with anything is 0).
         """
         if level not in ("sentence", "document"):
             raise ValueError(f"level must be 'sentence' or 'document', got {level!r}")
+        if empty not in ("error", "zero"):
+            raise ValueError(f"empty must be 'error' or 'zero', got {empty!r}")
         texts = [texts] if isinstance(texts, str) else list(texts)
         docs = [self.tokenize_document(t, split=level == "document") for t in texts]
+        blank = [i for i, (ids, _) in enumerate(docs) if len(ids) == 0]
+        if blank and empty == "error":
+            more = f" (and {len(blank) - 5} more)" if len(blank) > 5 else ""
+            raise ValueError(
+                f"texts[{', '.join(map(str, blank[:5]))}]{more}: no token to embed (empty or "
+                "whitespace only); drop them, or pass empty='zero' for all-zero rows"
+            )
         out = self.encode_ids(docs, level="document", batch_size=batch_size)
-        return self._finish(out, normalize, layer_norm, as_numpy)
+        out = self._finish(out, normalize, layer_norm, as_numpy=False)
+        if blank:
+            out[blank] = 0.0  # layer_norm of a zero row is its bias-free zero: keep it exactly 0
+        return out.numpy() if as_numpy else out
 
     def encode_sentences(self, texts: str | Sequence[str], batch_size: int = 32, normalize: bool = False,
                          layer_norm: bool = False, as_numpy: bool = False) -> list[Tensor | np.ndarray]:  # fmt: skip

@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         out = export(args.run, args.out, args.tag, args.which, args.tokenizer)
     except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return 2
     print(out)
     return 0
 

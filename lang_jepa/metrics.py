@@ -95,20 +95,36 @@ class RankWindow:
 
 
 class CollapseAlarm:
-    """Trips when the effective rank or the target std stay under their thresholds for
-    ``patience`` consecutive checks (a falling loss proves nothing if embeddings collapse)."""
+    """Trips when the effective rank, the target std or the prediction std stay under their
+    thresholds for ``patience`` consecutive checks. A falling loss proves nothing if embeddings
+    collapse, and a predictor that regressed to the mean has a tiny prediction std while its
+    targets look healthy (data2vec 2.0 stops at prediction std < 0.01 or target std < 0.1)."""
 
-    def __init__(self, min_rank: float, min_std: float, patience: int) -> None:
+    def __init__(
+        self, min_rank: float, min_std: float, patience: int, min_pred_std: float = 0.0
+    ) -> None:
         self.min_rank, self.min_std, self.patience = min_rank, min_std, patience
+        self.min_pred_std = min_pred_std
         self.strikes = 0
         self.tripped = False
+        self.why = ""
 
-    def check(self, effective_rank: float, target_std: float) -> bool:
+    def check(self, effective_rank: float, target_std: float, pred_std: float = math.nan) -> bool:
         """Feed one logging step's monitors; returns True on the check that trips the alarm."""
-        if math.isnan(effective_rank) and math.isnan(target_std):
+        if math.isnan(effective_rank) and math.isnan(target_std) and math.isnan(pred_std):
             return False
-        low = effective_rank < self.min_rank or target_std < self.min_std
+        low = [
+            f"{name} {value:.4g} < {limit:.4g}"
+            for name, value, limit in (
+                ("effective rank", effective_rank, self.min_rank),
+                ("target std", target_std, self.min_std),
+                ("prediction std", pred_std, self.min_pred_std),
+            )
+            if value < limit  # NaN compares False: a monitor the objective lacks never trips
+        ]
         self.strikes = self.strikes + 1 if low else 0
+        if low:
+            self.why = ", ".join(low)
         if self.strikes >= self.patience and not self.tripped:
             self.tripped = True
             return True
@@ -119,15 +135,15 @@ class ScalarWriter:
     """TensorBoard on rank 0 (the names are the contract in docs/design.md); a no-op elsewhere."""
 
     def __init__(self, tb_dir: Path | None) -> None:
-        self.writer = None
-        if tb_dir is not None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(tb_dir))
+        self.tb_dir, self.writer = tb_dir, None  # opened at the first write, not at start-up
 
     def write(self, step: int, scalars: dict[str, float | None]) -> None:
-        if self.writer is None:
+        if self.tb_dir is None:
             return
+        if self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.tb_dir))
         for name, value in scalars.items():
             if value is not None and not math.isnan(value):
                 self.writer.add_scalar(name, value, step)
@@ -149,7 +165,10 @@ def console_line(step: int, max_steps: int, s: dict[str, float | None]) -> str:
         parts.append(f"mfu {100 * s['perf/mfu']:.1f}%")
     if not math.isnan(s["repr/target_std"]):
         parts.append(f"tgt_std {s['repr/target_std']:.3f}")
+        parts.append(f"pred_std {s['repr/pred_std']:.3f}")
         parts.append(f"rank {s['repr/effective_rank']:.1f}")
+    if not math.isnan(s.get("repr/pred_top1", math.nan)):
+        parts.append(f"top1 {s['repr/pred_top1']:.2f}/{s['repr/pred_top1_chance']:.2f}")
     return " | ".join(parts)
 
 
@@ -184,7 +203,8 @@ class Accumulators:
 
 
 # Scalars every logging step reports, NaN when the objective has no sentence embeddings.
-REPR_DEFAULTS = ("repr/target_std", "repr/pred_std", "repr/pred_target_cos")
+REPR_DEFAULTS = ("repr/target_std", "repr/pred_std", "repr/pred_target_cos", "repr/pred_top1",
+                 "repr/pred_top1_chance")  # fmt: skip
 
 
 class TrainMetrics:
@@ -201,7 +221,10 @@ class TrainMetrics:
         self.cfg, self.dev, self.rank, self.world, self.run_dir = cfg, dev, rank, world, run_dir
         e = cfg.eval
         self.alarm = CollapseAlarm(
-            e.collapse_min_rank_frac * cfg.model.dim, e.collapse_min_target_std, e.collapse_patience
+            e.collapse_min_rank_frac * cfg.model.dim,
+            e.collapse_min_target_std,
+            e.collapse_patience,
+            e.collapse_min_pred_std,
         )
         self.ranks = RankWindow(cfg.log.rankme_window)
         self.writer = ScalarWriter(run_dir / "tb" if rank == 0 and cfg.log.tensorboard else None)
@@ -254,22 +277,21 @@ class TrainMetrics:
     def watch_collapse(self, step: int, scalars: dict[str, float | None]) -> bool:
         """Feed the collapse alarm; a trip on any rank is agreed by all (one all-reduce). Sets
         ``repr/collapse_alarm`` and returns True on the step the alarm trips."""
-        tripped = self.alarm.check(scalars["repr/effective_rank"], scalars["repr/target_std"])
+        tripped = self.alarm.check(
+            scalars["repr/effective_rank"],
+            scalars["repr/target_std"],
+            scalars.get("repr/pred_std", math.nan),
+        )
         flag = torch.tensor(float(tripped), device=self.dev)
         engine.dp_all_reduce(flag)
         scalars["repr/collapse_alarm"] = float(self.alarm.tripped or float(flag) > 0)
         if float(flag) == 0:
             return False
-        e = self.cfg.eval
         log.warning(
-            "!" * 20 + " REPRESENTATION COLLAPSE at step %d: effective rank %.2f (alarm < %.2f), "
-            "target std %.4f (alarm < %.4f) for %d checks " + "!" * 20,
+            "!" * 20 + " REPRESENTATION COLLAPSE at step %d: %s for %d checks " + "!" * 20,
             step,
-            scalars["repr/effective_rank"],
-            self.alarm.min_rank,
-            scalars["repr/target_std"],
-            e.collapse_min_target_std,
-            e.collapse_patience,
+            self.alarm.why or "another rank's monitors",
+            self.cfg.eval.collapse_patience,
         )
         return True
 

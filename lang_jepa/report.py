@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         paths = report(args.run_dir, args.out)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return 2
     print("\n".join(str(p) for p in paths))
     return 0
 

@@ -6,6 +6,7 @@ import fcntl
 import importlib.metadata
 import json
 import logging
+import logging.handlers
 import os
 import platform
 import socket
@@ -68,24 +69,62 @@ def write_run_dir(run_dir: Path, cfg: Config, info: dict[str, Any]) -> None:
     (run_dir / "run_info.json").write_text(json.dumps(info, indent=2, default=str))
 
 
-def setup_logging(rank: int, run_dir: Path | None) -> logging.Logger:
-    """Rank 0 logs INFO to the console and ``run_dir/logs/train.log``; other ranks only warnings."""
+def setup_logging(rank: int) -> logging.Logger:
+    """Rank 0 logs INFO to the console, other ranks only warnings. Records are also held in
+    memory until :func:`attach_log_file` (called once the start is accepted) writes them to the
+    run's log, so a refused start leaves the run directory as it was."""
     log = logging.getLogger("lang_jepa")
+    for handler in log.handlers:
+        handler.close()
     log.handlers.clear()
     log.propagate = False
     fmt = logging.Formatter(f"%(asctime)s [rank{rank}] %(levelname)s %(message)s", "%H:%M:%S")
     console = logging.StreamHandler(sys.stdout)
     console.setFormatter(fmt)
     log.addHandler(console)
+    log.addHandler(
+        logging.handlers.MemoryHandler(capacity=100_000, flushLevel=logging.CRITICAL + 1)
+    )
     log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-    if run_dir is not None:
-        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(
-            run_dir / "logs" / ("train.log" if rank == 0 else f"rank{rank}.log")
-        )
-        handler.setFormatter(fmt)
-        log.addHandler(handler)
     return log
+
+
+def attach_log_file(rank: int, run_dir: Path) -> None:
+    """Send the held records and every later one to ``run_dir/logs/train.log`` (rank 0) or
+    ``rank{R}.log``."""
+    log = logging.getLogger("lang_jepa")
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(
+        run_dir / "logs" / ("train.log" if rank == 0 else f"rank{rank}.log")
+    )
+    handler.setFormatter(log.handlers[0].formatter)
+    for held in [h for h in log.handlers if isinstance(h, logging.handlers.MemoryHandler)]:
+        held.setTarget(handler)
+        held.close()  # flushes into the file
+        log.removeHandler(held)
+    log.addHandler(handler)
+
+
+SUPERSEDED = "superseded"
+PRIOR_STATE = ("checkpoints", "logs", "tb", "config.yaml", "run_info.json")
+
+
+def supersede(run_dir: Path, stamp: str) -> Path | None:
+    """A fresh start in a run directory that holds an earlier run's state: move that state
+    (checkpoints, logs, TensorBoard, config) to ``run_dir/superseded/<stamp>/``, never delete it.
+    Returns where it went, or None when there was nothing to move."""
+    present = [n for n in PRIOR_STATE if (run_dir / n).exists() and _nonempty(run_dir / n)]
+    if not present:
+        return None
+    dest = run_dir / SUPERSEDED / stamp
+    dest.mkdir(parents=True, exist_ok=False)
+    for name in present:
+        os.replace(run_dir / name, dest / name)
+    return dest
+
+
+def _nonempty(path: Path) -> bool:
+    return path.is_file() or any(path.iterdir())
 
 
 LOCK_NAME = ".lock"

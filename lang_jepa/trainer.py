@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import random
+import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,7 @@ from .control import EXIT_REQUEUE, NonFiniteLoss, RepresentationCollapse, StepAg
 from .data import TrainLoader, ValLoader, build_train_loader, build_val_loader, check_tokenizer
 from .metrics import TrainMetrics
 from .objectives import Batch, Objective, Outputs, Phase, Runtime, build_objective, no_phase
-from .runinfo import RunDirLock, run_info, setup_logging, write_run_dir
+from .runinfo import RunDirLock, attach_log_file, run_info, setup_logging, supersede, write_run_dir
 from .shards import check_shard_files, load_manifest, manifest_hash
 
 __all__ = ["EXIT_REQUEUE", "NonFiniteLoss", "RepresentationCollapse", "Trainer", "run"]
@@ -52,6 +54,8 @@ class Trainer:
     manifest_sha256: str
     lock: RunDirLock | None  # rank 0 holds the run directory for the process's life
     step: int = 0  # optimizer steps taken
+    # names this run's chain of checkpoints (kept across resumes): pruning deletes only its own
+    sequence: str = ""
 
     @classmethod
     def build(cls, cfg: Config, ds_config_path: str, phase: Phase = no_phase) -> Trainer:
@@ -60,7 +64,10 @@ class Trainer:
         rank, local_rank, world = engine.init_distributed()
         run_dir = Path(cfg.train.run_dir)
         lock = RunDirLock(run_dir) if rank == 0 else None  # before anything is written there
-        setup_logging(rank, run_dir)
+        setup_logging(rank)  # held in memory: a refused start writes nothing into run_dir
+        ckpt_dir = run_dir / "checkpoints"
+        # never a silent fresh start over checkpoints: an empty or missing 'latest' is an error
+        where = checkpoint.resolve_resume(cfg.train.resume, ckpt_dir)
         dev = engine.device(local_rank)
         cfg.model.vocab_size = _vocab_size(cfg)
         # every listed shard is there (with its size): found now, not after hours of training
@@ -80,7 +87,6 @@ class Trainer:
         optimizer = engine.build_optimizer(engine.param_groups(objective.module), cfg, ds_config)
         eng = engine.initialize(objective.module, optimizer, ds_config)
         need_val = cfg.train.val_interval > 0 or cfg.eval.interval > 0
-        ckpt_dir = run_dir / "checkpoints"
         trainer = cls(
             cfg=cfg,
             eng=eng,
@@ -99,10 +105,22 @@ class Trainer:
             run_dir=run_dir,
             manifest_sha256=manifest_hash(cfg.data.shards),
             lock=lock,
+            sequence=uuid.uuid4().hex[:16],
         )
-        where = checkpoint.resolve_resume(cfg.train.resume, ckpt_dir)
         if where is not None:
             trainer.restore(*where)
+        # the start is accepted: from here on the run directory is written
+        moved = (
+            supersede(run_dir, time.strftime("%Y%m%d-%H%M%S"))
+            if rank == 0 and where is None
+            else None
+        )
+        engine.barrier()
+        attach_log_file(rank, run_dir)
+        if moved is not None:
+            log.warning(
+                "fresh start in %s: the earlier run's state was moved to %s", run_dir, moved
+            )
         info = run_info(cfg, trainer.manifest_sha256, world, ds_config)
         info["precision"] = {"requested": requested, "resolved": cfg.train.precision, "why": why}
         if rank == 0:
@@ -229,6 +247,7 @@ class Trainer:
             "world_size": self.world,
             "zero_stage": self.eng.zero_optimization_stage(),
             "manifest_sha256": self.manifest_sha256,
+            "sequence": self.sequence,
             "config": to_dict(self.cfg),
         }
         checkpoint.save(
@@ -242,20 +261,26 @@ class Trainer:
         )
 
     def restore(self, ckpt_dir: Path, tag: str) -> None:
-        meta = checkpoint.read_meta(ckpt_dir, tag)
+        """Resume from a checkpoint: everything that can refuse it (ranks, files, the settings
+        the data position depends on) is checked before anything is loaded."""
+        meta, state = checkpoint.read_state(ckpt_dir, tag, self.rank, self.world)
         if meta.get("manifest_sha256") != self.manifest_sha256:
             log.warning("checkpoint %s was made on other shards (manifest hash differs)", tag)
-        state = checkpoint.load(self.eng, ckpt_dir, tag, self.objective.target)
-        self.step = int(state["step"])
-        self.agreement.skipped_steps = int(state.get("skipped_steps", 0))
         if state.get("loader") is not None:
             try:
-                self.loader.load_state_dict(state["loader"])
+                self.loader.check_state(state["loader"])
             except ValueError as err:
                 raise checkpoint.CheckpointError(
                     f"{ckpt_dir / tag}: {err} (or start afresh: train.resume=none)"
                 ) from err
+        checkpoint.load(self.eng, ckpt_dir, tag, self.objective.target)
+        if state.get("loader") is not None:
+            self.loader.load_state_dict(state["loader"])
+        self.step = int(state["step"])
+        self.agreement.skipped_steps = int(state.get("skipped_steps", 0))
+        self.sequence = meta.get("sequence") or self.sequence
         checkpoint.set_rng_state(state["rng"])
+        log.info("resumed from %s (step %d)", ckpt_dir / tag, self.step)
 
 
 def _vocab_size(cfg: Config) -> int:

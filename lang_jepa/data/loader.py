@@ -56,6 +56,19 @@ from lang_jepa.data.reader import (
 from lang_jepa.data.windows import Window, WindowCounters
 
 Batch = dict[str, Tensor]
+# the stream settings a saved position depends on, by the config key that sets each
+SETTING_KEYS = {
+    "position_unit": "",  # the state format
+    "world_size": "the number of ranks",
+    "num_workers": "data.num_workers",
+    "seed": "train.seed",
+    "seq_len": "model.seq_len",
+    "micro_batch": "data.micro_batch_size",
+    "min_sentences": "data.min_sentences",
+    "shuffle_buffer": "data.shuffle_buffer",
+    "packing": "data.packing",
+    "pack_pool": "",  # derived from data.packing and data.micro_batch_size
+}
 PACK_POOL = 4  # packing: windows waiting for a batch, per window of micro_batch_size
 
 
@@ -312,15 +325,27 @@ class TrainLoader:
             "positions": {str(w): list(p) for w, p in sorted(self._positions.items())},
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a position saved by :meth:`state_dict`; ValueError, naming the setting, if one
-        the positions depend on differs (world size, workers, seed, windows, batching)."""
+    def check_state(self, state: dict[str, Any]) -> None:
+        """ValueError naming the config keys whose values differ from those a saved position
+        (:meth:`state_dict`) was made with: that position cannot be restored exactly."""
+        diffs: dict[str, str] = {}
         for key, value in self._stream_settings().items():
             if state.get(key) != value:
-                raise ValueError(
-                    f"loader state was saved with {key}={state.get(key)}, this run has {value}: "
-                    "the exact data position can only be restored with the same value"
-                )
+                name = SETTING_KEYS.get(key) or f"loader {key}"
+                diffs.setdefault(name, f"{name}={state.get(key)}, this run has {value}")
+        if len(diffs) > 1:
+            diffs.pop("loader pack_pool", None)  # follows from the keys named
+        if diffs:
+            raise ValueError(
+                "the checkpoint's data position was saved with "
+                + "; ".join(diffs.values())
+                + ": the exact data position can only be restored with the same value"
+            )
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a position saved by :meth:`state_dict`; ValueError, naming the config keys,
+        if one the positions depend on differs (ranks, workers, seed, windows, batching)."""
+        self.check_state(state)
         self.close()
         self._batches = int(state["batches"])
         self._counters = {}

@@ -50,9 +50,15 @@ def main(argv: list[str] | None = None) -> int:
     if not path.exists():
         parser.error(f"{path} does not exist")
     max_val = min(args.max_val_batches, 4) if args.quick else args.max_val_batches
-    results = evaluate(
-        path, baselines, max_val, args.quick, Path(args.data_dir), args.rt_limit, args.seed
-    )
+    from ..checkpoint import CheckpointError
+
+    try:
+        results = evaluate(
+            path, baselines, max_val, args.quick, Path(args.data_dir), args.rt_limit, args.seed
+        )
+    except (CheckpointError, FileNotFoundError, ValueError) as err:  # names the path or key
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     out = Path(args.out) if args.out else path / "eval"
     paths = write_all(results, out)
     print(console_summary(results))

@@ -70,8 +70,11 @@ def load_run(run_dir: str | Path, tag: str | None = None) -> LoadedRun:
     )
     jepa, target = build_models(cfg, vocab)
     online: TextEncoder | None = None
-    if objective == "jepa":
-        jepa.load_state_dict(state, strict=True)
+    if objective.startswith("jepa"):  # jepa, jepa+mlm (its MLM head is not needed here)
+        jepa.load_state_dict(
+            {k: v for k, v in state.items() if k.startswith(("encoder.", "predictor."))},
+            strict=True,
+        )
         jepa.float().eval()
         online = jepa.encoder
     else:  # e.g. mlm: only the encoder's weights are shared with the JEPA layout

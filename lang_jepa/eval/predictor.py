@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lang_jepa.config import Config, LossConfig
+from lang_jepa.config import Config, LossConfig, TargetConfig
 from lang_jepa.data.loader import StreamSpec, ValLoader
 from lang_jepa.models import TextEncoder, pool_by_slot
 from lang_jepa.objectives import (
@@ -155,18 +155,20 @@ def _copy_context(
 
 @torch.no_grad()
 def batch_predictions(model: JEPA, target: TextEncoder, batch: Batch, shuffled_ctx: Batch,
-                      autocast: torch.dtype | None = None) -> dict[str, Any]:  # fmt: skip
+                      autocast: torch.dtype | None = None,
+                      target_cfg: TargetConfig | None = None) -> dict[str, Any]:  # fmt: skip
     """Targets [B, S, D], each method's predictions [B, S, D] and (with ``sent_id``) the window
-    sentences, for one batch."""
+    sentences, for one batch (sentence level whatever ``target.level`` the model trained at:
+    a token-level model's sentence prediction is its token predictions' mean)."""
     slot_valid = batch["tgt_sent_valid"]
     with autocast_context(batch["input_ids"].device, autocast):
         preds = {
-            "model": model(batch).float(),
+            "model": model.predict(batch, *model.context_inputs(batch), batch["ctx_valid"]).float(),
             "shuffled": model.predict(
                 batch, shuffled_ctx["ctx_ids"], shuffled_ctx["ctx_pos"], shuffled_ctx["ctx_valid"]
             ).float(),
         }
-    feats = target_features(target, batch, autocast)
+    feats = target_features(target, batch, autocast, target_cfg)
     targets = pooled_targets(feats, batch)  # one target forward serves every use below
     sents = window_sentences(feats, batch) if "sent_id" in batch else None
     copy_ctx = _copy_context(feats, batch, sents)
@@ -244,7 +246,7 @@ def _mapped(o: dict[str, Any], fn: Any) -> dict[str, Any]:
 
 def predictor_eval(model: JEPA, target: TextEncoder, batches: list[Batch], loss_cfg: LossConfig,
                    autocast: torch.dtype | None = None, pool_size: int = 256,
-                   seed: int = 0) -> dict[str, Any]:  # fmt: skip
+                   seed: int = 0, target_cfg: TargetConfig | None = None) -> dict[str, Any]:  # fmt: skip
     """Every method's loss and retrieval on ``batches`` plus health of targets and predictions.
 
     Returns {"methods": {method: {metric: value}}, "methods_centred" / "methods_whitened": the
@@ -257,7 +259,7 @@ def predictor_eval(model: JEPA, target: TextEncoder, batches: list[Batch], loss_
     try:
         shuffled, same_doc = shuffled_contexts(batches, seed)
         outs = [
-            batch_predictions(model, target, b, s, autocast)
+            batch_predictions(model, target, b, s, autocast, target_cfg)
             for b, s in zip(batches, shuffled, strict=True)
         ]
     finally:
@@ -288,7 +290,8 @@ def predictor_eval(model: JEPA, target: TextEncoder, batches: list[Batch], loss_
 
 
 def quick_eval(model: JEPA, target: TextEncoder, val_batches: list[Batch], loss_cfg: LossConfig | None = None,
-               autocast: torch.dtype | None = None, pool_size: int = 256, seed: int = 0) -> dict[str, float]:  # fmt: skip
+               autocast: torch.dtype | None = None, pool_size: int = 256, seed: int = 0,
+               target_cfg: TargetConfig | None = None) -> dict[str, float]:  # fmt: skip
     """A cheap subset of the suite for the training loop (rank 0, every N steps); no I/O.
 
     ``model``: the JEPA module (``engine.module``), ``target``: the EMA target encoder,
@@ -305,7 +308,7 @@ def quick_eval(model: JEPA, target: TextEncoder, val_batches: list[Batch], loss_
     """
     start = time.perf_counter()
     r = predictor_eval(
-        model, target, val_batches, loss_cfg or LossConfig(), autocast, pool_size, seed
+        model, target, val_batches, loss_cfg or LossConfig(), autocast, pool_size, seed, target_cfg
     )
     m = r["methods"]
     out: dict[str, float] = defaultdict(float)

@@ -138,7 +138,9 @@ def evaluate(path: str | Path, baselines: list[str] | tuple[str, ...] = BASELINE
     if run is not None and run.jepa is not None and run.target is not None:
         start = time.perf_counter()
         batches = eval_batches(run.cfg, max_val_batches)
-        predictor = predictor_eval(run.jepa, run.target, batches, run.cfg.loss, seed=seed)
+        predictor = predictor_eval(
+            run.jepa, run.target, batches, run.cfg.loss, seed=seed, target_cfg=run.cfg.target
+        )
         predictor["n_batches"] = len(batches)
         seconds["predictor"] = time.perf_counter() - start
     elif run is not None:

@@ -26,7 +26,7 @@ from typing import Any
 
 from safetensors.torch import save_file
 
-from lang_jepa.checkpoint import TARGET_FILE, latest_tag, tag_for
+from lang_jepa.checkpoint import TAG_RE, TARGET_FILE, latest_tag, tag_for
 from lang_jepa.encoder_api import CONFIG_NAME, FORMAT, TOKENIZER_DIR, WEIGHTS_NAME, Encoder
 from lang_jepa.eval.loading import load_run, random_encoder
 from lang_jepa.eval.predictor import eval_batches, predictor_eval
@@ -68,7 +68,7 @@ def train_command(cell: Cell, spec: ExperimentSpec, port: int | None = None) -> 
 def trained_step(run_dir: Path) -> int:
     """The step of the run's newest complete checkpoint (0 without one)."""
     tag = latest_tag(run_dir / "checkpoints")
-    return int(tag.removeprefix("step")) if tag else 0
+    return int(tag.removeprefix("step")) if tag and TAG_RE.fullmatch(tag) else 0
 
 
 def logged_step(run_dir: Path) -> int:
@@ -193,7 +193,9 @@ def evaluate_point(cell: Cell, spec: ExperimentSpec, step: int,
             min(spec.eval.max_val_batches, 4) if spec.eval.quick else spec.eval.max_val_batches
         )
         batches = eval_batches(run.cfg, max_val)
-        pred = predictor_eval(run.jepa, run.target, batches, run.cfg.loss, seed=0)
+        pred = predictor_eval(
+            run.jepa, run.target, batches, run.cfg.loss, seed=0, target_cfg=run.cfg.target
+        )
         pred.pop("ranks", None)
         point["predictor"] = {**pred, "n_batches": len(batches)}
         seconds["predictor"] = time.perf_counter() - t0

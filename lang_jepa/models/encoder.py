@@ -95,14 +95,31 @@ class TextEncoder(_Checkpointable):
         valid: Tensor | None = None,
         segments: Segments | None = None,
     ) -> Tensor:
-        x = self.tok_emb(input_ids)
-        rope = None
-        if self.pos_emb is not None:
-            x = x + self.pos_emb(position_ids)
-        else:
-            rope = rope_cos_sin(position_ids, self.dim // self.heads, self.rope_theta)
+        x, rope = self._embed(input_ids, position_ids)
         # no `valid.all()` check to drop the mask: it would cost a host sync every forward
         return self.stack(x, rope, segments if segments is not None else valid)
+
+    def top_layers(
+        self,
+        input_ids: Tensor,
+        position_ids: Tensor,
+        valid: Tensor | None,
+        segments: Segments | None,
+        k: int,
+        tensor: str,
+    ) -> list[Tensor]:
+        """The last ``k`` blocks' outputs or FFN outputs [B, N, D] each (see
+        :meth:`BlockStack.top_layers`): the target encoder's multi-layer targets."""
+        x, rope = self._embed(input_ids, position_ids)
+        return self.stack.top_layers(
+            x, rope, segments if segments is not None else valid, k, tensor
+        )
+
+    def _embed(self, input_ids: Tensor, position_ids: Tensor) -> tuple[Tensor, Any]:
+        x = self.tok_emb(input_ids)
+        if self.pos_emb is not None:
+            return x + self.pos_emb(position_ids), None
+        return x, rope_cos_sin(position_ids, self.dim // self.heads, self.rope_theta)
 
 
 def encoder_config(model_cfg: ModelConfig | Mapping[str, Any], vocab_size: int) -> dict[str, Any]:
@@ -182,8 +199,10 @@ class Predictor(_Checkpointable):
         tgt_sent: Tensor,
         n_slots: int,
         packing: tuple[Tensor, Tensor, Segments] | None = None,
+        pool: bool = True,
     ) -> Tensor:
-        """ctx [B, Nc, D]; ctx_pos/ctx_valid [B, Nc]; tgt_pos/tgt_valid/tgt_sent [B, Nt] -> [B, S, D]."""
+        """ctx [B, Nc, D]; ctx_pos/ctx_valid [B, Nc]; tgt_pos/tgt_valid/tgt_sent [B, Nt] ->
+        [B, S, D] (``pool``: per target sentence) or [B, Nt, D] (per target token)."""
         b, nt = tgt_pos.shape
         x = torch.cat((self.embed(ctx), self.mask_token.expand(b, nt, -1).to(ctx.dtype)), dim=1)
         pos = torch.cat((ctx_pos, tgt_pos), dim=1)
@@ -202,4 +221,6 @@ class Predictor(_Checkpointable):
             x = x[:, ctx.shape[1] :]
         else:
             x = x.gather(1, tgt_at[..., None].expand(-1, -1, x.shape[-1]))
+        if not pool:
+            return self.out(x)
         return self.out(pool_by_slot(x, tgt_sent, tgt_valid, n_slots))

@@ -172,6 +172,23 @@ class BlockStack(nn.Module):
                 x = block(x, rope, mask)
         return self.norm(x)
 
+    def top_layers(
+        self, x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Mask, k: int, tensor: str
+    ) -> list[Tensor]:
+        """The last ``k`` blocks' outputs (``tensor="block"``) or their FFN outputs before the
+        residual (``"ffn"``, data2vec's targets), oldest first; for targets (no recomputation)."""
+        out = []
+        first = len(self.blocks) - k
+        for i, block in enumerate(self.blocks):
+            if i < first:
+                x = block(x, rope, mask)
+                continue
+            h = x + block.attn(block.norm1(x), rope, mask)
+            ffn = block.mlp(block.norm2(h))
+            x = h + ffn
+            out.append(ffn if tensor == "ffn" else x)
+        return out
+
 
 def compile_blocks(stack: BlockStack) -> None:
     """``torch.compile`` every block in place (dynamic shapes: window lengths vary by batch)."""

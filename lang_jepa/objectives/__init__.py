@@ -1,6 +1,7 @@
 """Training objectives behind one interface (:class:`~lang_jepa.objectives.base.Objective`).
 
-``objective=jepa`` is LANG-JEPA itself; ``objective=mlm`` is the same-encoder masked-LM control.
+``objective=jepa`` is LANG-JEPA itself; ``objective=mlm`` is the same-encoder masked-LM control;
+``objective=jepa+mlm`` trains both losses on one encoder.
 :func:`build_objective` picks one by the config value; the training loop never asks which.
 """
 
@@ -19,18 +20,25 @@ from .base import (
     move_batch,
     no_phase,
 )
+from .hybrid import JEPAMLM, JEPAMLMObjective
 from .jepa import (
     JEPA,
     JEPAObjective,
     build_models,
     compute_targets,
+    infonce,
     jepa_loss,
     pooled_targets,
     target_features,
+    token_targets,
 )
 from .mlm import MLM, MLMObjective
 
-OBJECTIVES: dict[str, type] = {"jepa": JEPAObjective, "mlm": MLMObjective}
+OBJECTIVES: dict[str, type] = {
+    "jepa": JEPAObjective,
+    "mlm": MLMObjective,
+    "jepa+mlm": JEPAMLMObjective,
+}
 if tuple(OBJECTIVES) != OBJECTIVE_NAMES:
     raise ImportError(f"lang_jepa.config.OBJECTIVE_NAMES {OBJECTIVE_NAMES} != {tuple(OBJECTIVES)}")
 
@@ -46,6 +54,8 @@ def build_objective(cfg: Config, vocab_size: int, rt: Runtime) -> Objective:
 
 __all__ = [
     "JEPA",
+    "JEPAMLM",
+    "JEPAMLMObjective",
     "MLM",
     "OBJECTIVES",
     "Batch",
@@ -61,9 +71,11 @@ __all__ = [
     "build_objective",
     "compute_targets",
     "gather_tokens",
+    "infonce",
     "jepa_loss",
     "move_batch",
     "no_phase",
     "pooled_targets",
     "target_features",
+    "token_targets",
 ]

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import engine, schedules
-from ..config import Config, LossConfig
+from ..config import Config, LossConfig, TargetConfig
 from ..ema import EmaSync, ema_update
 from ..metrics import stream_flops
 from ..models import Predictor, TextEncoder, build_encoder, pool_by_slot
@@ -45,40 +45,51 @@ class JEPA(nn.Module):
     are removed, never merely masked, so nothing of them can reach it.
     """
 
-    def __init__(self, encoder: TextEncoder, predictor: Predictor) -> None:
+    def __init__(self, encoder: TextEncoder, predictor: Predictor, level: str = "sentence") -> None:
         super().__init__()
         self.encoder = encoder
         self.predictor = predictor
+        self.level = level  # sentence: [B, S, D] predictions; token: [B, Nt, D]
+        self.return_context = False  # forward also returns the context features (loss.reg_on)
 
     @staticmethod
-    def context_inputs(batch: Batch) -> tuple[Tensor, Tensor]:
-        """Context token ids and their true positions [B, Nc]. Padding slots of ``ctx_index``
-        (index 0, which may be a target token) get the pad id and position 0, so not even a
-        masked-out target id enters the context encoder."""
+    def context_inputs(batch: Batch, key: str = "input_ids") -> tuple[Tensor, Tensor]:
+        """Context token ids (from ``batch[key]``) and their true positions [B, Nc]. Padding
+        slots of ``ctx_index`` (index 0, which may be a target token) get the pad id and
+        position 0, so not even a masked-out target id enters the context encoder."""
         pad = ~batch["ctx_valid"]
-        ids = gather_tokens(batch["input_ids"], batch["ctx_index"]).masked_fill(pad, 0)
+        ids = gather_tokens(batch[key], batch["ctx_index"]).masked_fill(pad, 0)
         pos = gather_tokens(batch["position_ids"], batch["ctx_index"]).masked_fill(pad, 0)
         return ids, pos
 
-    def encode_context(self, batch: Batch) -> Tensor:
-        """Context features [B, Nc, D]."""
-        ids, pos = self.context_inputs(batch)
+    def encode_context(self, batch: Batch, key: str = "input_ids") -> Tensor:
+        """Context features [B, Nc, D] (of the ids in ``batch[key]``)."""
+        ids, pos = self.context_inputs(batch, key)
         return self.encoder(ids, pos, batch["ctx_valid"], batch_segments(batch, "ctx"))
 
-    def forward(self, batch: Batch) -> Tensor:
+    def forward(self, batch: Batch) -> Tensor | tuple[Tensor, Tensor]:
         ids, pos = self.context_inputs(batch)
-        return self.predict(batch, ids, pos, batch["ctx_valid"])
+        ctx = self.encoder(ids, pos, batch["ctx_valid"], batch_segments(batch, "ctx"))
+        preds = self.predict_from(batch, ctx, pos, batch["ctx_valid"], self.level == "sentence")
+        return (preds, ctx) if self.return_context else preds
 
     def predict(self, batch: Batch, ctx_ids: Tensor, ctx_pos: Tensor, ctx_valid: Tensor) -> Tensor:
-        """Predictions [B, S, D] for ``batch``'s target sentences from the given context tokens
-        (ids, positions, validity [B, Nc]): the batch's own (:meth:`forward`) or another one (the
-        shuffled-context control of the evaluation, on unpacked batches)."""
-        ctx_segments = batch_segments(batch, "ctx")
+        """Sentence predictions [B, S, D] for ``batch``'s target sentences from the given context
+        tokens (ids, positions, validity [B, Nc]): the batch's own or another one (the
+        shuffled-context control of the evaluation, on unpacked batches). A token-level model's
+        sentence prediction is the mean of its token predictions."""
+        ctx = self.encoder(ctx_ids, ctx_pos, ctx_valid, batch_segments(batch, "ctx"))
+        return self.predict_from(batch, ctx, ctx_pos, ctx_valid, pool=True)
+
+    def predict_from(
+        self, batch: Batch, ctx: Tensor, ctx_pos: Tensor, ctx_valid: Tensor, pool: bool
+    ) -> Tensor:
+        """The predictor on context features: [B, S, D] (``pool``) or [B, Nt, D]."""
         packing = None
-        if ctx_segments is not None:
+        if batch_segments(batch, "ctx") is not None:
             packing = (batch["pred_order"], batch["pred_tgt"], batch_segments(batch, "pred"))
         return self.predictor(
-            self.encoder(ctx_ids, ctx_pos, ctx_valid, ctx_segments),
+            ctx,
             ctx_pos=ctx_pos,
             ctx_valid=ctx_valid,
             tgt_pos=gather_tokens(batch["position_ids"], batch["tgt_index"]),
@@ -86,6 +97,7 @@ class JEPA(nn.Module):
             tgt_sent=batch["tgt_sent"],
             n_slots=batch["tgt_sent_valid"].shape[1],
             packing=packing,
+            pool=pool,
         )
 
 
@@ -105,20 +117,48 @@ def build_models(cfg: Config, vocab_size: int) -> tuple[JEPA, TextEncoder]:
     if m.compile:
         for stack in (encoder.stack, predictor.stack, target.stack):
             compile_blocks(stack)
-    return JEPA(encoder, predictor), target
+    return JEPA(encoder, predictor, cfg.target.level), target
 
 
 @torch.no_grad()
 def target_features(
-    target_encoder: TextEncoder, batch: Batch, autocast: torch.dtype | None
+    target_encoder: TextEncoder,
+    batch: Batch,
+    autocast: torch.dtype | None,
+    tcfg: TargetConfig | None = None,
 ) -> Tensor:
-    """The target encoder's final features of the full window [B, L, D], fp32 (``autocast``:
-    the compute dtype, None for fp32)."""
+    """The target encoder's per-token targets of the full window [B, L, D], fp32, no grad.
+
+    ``target.tensor=final`` (the default; ``tcfg`` None): the encoder's output. ``block`` /
+    ``ffn``: the top ``target.layers`` blocks' outputs, or their FFN outputs before the residual,
+    each normalised (``target.norm``: layer norm without affine per token, instance norm per
+    channel over the row's valid tokens, or none) and then averaged (data2vec)."""
+    args = (
+        batch["input_ids"],
+        batch["position_ids"],
+        batch["valid"],
+        batch_segments(batch, "full"),
+    )
     with autocast_context(batch["input_ids"].device, autocast):
-        feats = target_encoder(
-            batch["input_ids"], batch["position_ids"], batch["valid"], batch_segments(batch, "full")
-        )
-    return feats.float()
+        if tcfg is None or tcfg.tensor == "final":
+            return target_encoder(*args).float()
+        layers = target_encoder.top_layers(*args, tcfg.layers, tcfg.tensor)
+    normed = [normalise(x.float(), tcfg.norm, batch["valid"]) for x in layers]
+    return torch.stack(normed).mean(0)
+
+
+def normalise(x: Tensor, kind: str, valid: Tensor) -> Tensor:
+    """x [B, N, D]: ``layer`` (per token over D, no affine), ``instance`` (per row and channel
+    over the valid tokens; a packed row's windows together) or ``none``."""
+    if kind == "layer":
+        return F.layer_norm(x, (x.shape[-1],))
+    if kind == "instance":
+        w = valid[..., None].to(x.dtype)
+        n = w.sum(1, keepdim=True).clamp(min=1.0)
+        mean = (x * w).sum(1, keepdim=True) / n
+        var = ((x - mean).pow(2) * w).sum(1, keepdim=True) / n
+        return (x - mean) * torch.rsqrt(var + 1e-5)
+    return x
 
 
 def pooled_targets(feats: Tensor, batch: Batch) -> Tensor:
@@ -131,11 +171,20 @@ def pooled_targets(feats: Tensor, batch: Batch) -> Tensor:
     return F.layer_norm(pooled, (pooled.shape[-1],))
 
 
+def token_targets(feats: Tensor, batch: Batch) -> Tensor:
+    """Per target token [B, Nt, D]: its feature, layer-normalised without affine parameters."""
+    tokens = gather_tokens(feats.float(), batch["tgt_index"])
+    return F.layer_norm(tokens, (tokens.shape[-1],))
+
+
 def compute_targets(
-    target_encoder: TextEncoder, batch: Batch, autocast: torch.dtype | None
+    target_encoder: TextEncoder,
+    batch: Batch,
+    autocast: torch.dtype | None,
+    tcfg: TargetConfig | None = None,
 ) -> Tensor:
     """Target-sentence embeddings [B, S, D], fp32, no grad."""
-    return pooled_targets(target_features(target_encoder, batch, autocast), batch)
+    return pooled_targets(target_features(target_encoder, batch, autocast, tcfg), batch)
 
 
 def vicreg_term(z: Tensor, cov_weight: float) -> Tensor:
@@ -169,41 +218,88 @@ def sigreg_term(z: Tensor, generator: torch.Generator | None = None, n_dirs: int
     return (err * weight).sum(-1).mean() * z.shape[0]
 
 
-def jepa_loss(
-    pred: Tensor, target: Tensor, slot_valid: Tensor, cfg: LossConfig
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """Mean per-sentence loss over valid target slots (+ optional regulariser on predictions).
+def infonce(pred: Tensor, target: Tensor, valid: Tensor, temperature: float) -> Tensor:
+    """Contrastive prediction: each valid prediction is scored (cosine / ``temperature``) against
+    every valid target of the micro-batch, its own being the right one; the same window's other
+    targets are the hardest negatives. pred, target [B, X, D]; valid [B, X]. Mean cross-entropy
+    over the valid predictions (fp32); a mean prediction scores log(number of targets)."""
+    p = F.normalize(pred.float().flatten(0, 1), dim=-1)
+    t = F.normalize(target.float().flatten(0, 1), dim=-1)
+    v = valid.flatten()
+    logits = (p @ t.T) / temperature
+    logits = logits.masked_fill(~v[None, :], -1e4)  # finite: no NaN when a row has no target
+    ce = F.cross_entropy(logits, torch.arange(len(v), device=v.device), reduction="none")
+    w = v.float()
+    return (ce * w).sum() / w.sum().clamp(min=1.0)
 
-    pred, target [B, S, D]; slot_valid [B, S]. Returns (loss, {"pred_loss", "reg"}), fp32.
+
+def jepa_loss(
+    pred: Tensor,
+    target: Tensor,
+    valid: Tensor,
+    cfg: LossConfig,
+    context: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Mean loss over the valid target slots (sentences [B, S] or tokens [B, Nt]), plus InfoNCE
+    (``loss.infonce_weight``, or alone with ``loss.type=infonce``) and an optional regulariser on
+    the predictions or on the context features (``context``: features [B, Nc, D], valid).
+
+    pred, target [B, X, D]; valid [B, X]. Returns (loss, {"pred_loss", "reg"[, "infonce"]}), fp32.
     """
     pred, target = pred.float(), target.float()
-    if cfg.type == "smooth_l1":
-        per = F.smooth_l1_loss(pred, target, reduction="none", beta=cfg.smooth_l1_beta).mean(-1)
-    elif cfg.type == "l2":
-        per = (pred - target).pow(2).mean(-1)
-    else:  # cosine
-        per = 1.0 - F.cosine_similarity(pred, target, dim=-1)
-    weights = slot_valid.float()
-    pred_loss = (per * weights).sum() / weights.sum().clamp(min=1.0)
+    parts: dict[str, Tensor] = {}
+    if cfg.type == "infonce":
+        pred_loss = infonce(pred, target, valid, cfg.temperature)
+    else:
+        if cfg.type == "smooth_l1":
+            per = F.smooth_l1_loss(pred, target, reduction="none", beta=cfg.smooth_l1_beta).mean(-1)
+        elif cfg.type == "l2":
+            per = (pred - target).pow(2).mean(-1)
+        else:  # cosine
+            per = 1.0 - F.cosine_similarity(pred, target, dim=-1)
+        weights = valid.float()
+        pred_loss = (per * weights).sum() / weights.sum().clamp(min=1.0)
+        if cfg.infonce_weight > 0:
+            nce = infonce(pred, target, valid, cfg.temperature)
+            parts["infonce"] = nce.detach()
+            pred_loss = pred_loss + cfg.infonce_weight * nce
     reg = pred_loss.new_zeros(())
     if cfg.reg != "none" and cfg.reg_weight > 0:
-        z = pred[slot_valid]
-        reg = vicreg_term(z, cfg.vicreg_cov_weight) if cfg.reg == "vicreg" else sigreg_term(z)
-    return pred_loss + cfg.reg_weight * reg, {"pred_loss": pred_loss.detach(), "reg": reg.detach()}
+        # on the context features: training passes them; evaluation (no context) scores 0
+        z = None
+        if cfg.reg_on == "predictions":
+            z = pred[valid]
+        elif context is not None:
+            z = context[0].float()[context[1]]
+        if z is not None and cfg.reg == "vicreg":
+            reg = vicreg_term(z, cfg.vicreg_cov_weight)
+        elif z is not None:
+            reg = sigreg_term(z, n_dirs=cfg.sigreg_slices)
+    parts.update(pred_loss=pred_loss.detach(), reg=reg.detach())
+    return pred_loss + cfg.reg_weight * reg, parts
 
 
 @torch.no_grad()
 def representation_stats(pred: Tensor, target: Tensor, slot_valid: Tensor) -> dict[str, Tensor]:
-    """Collapse monitors on one batch: per-dimension std of targets and predictions (mean over
-    dimensions) and the mean prediction-target cosine. Returns 0-d tensors (no host sync)."""
+    """Collapse monitors on one batch of sentence predictions and targets [B, S, D]: the
+    per-dimension std of targets and predictions (mean over dimensions), the mean
+    prediction-target cosine, and in-batch retrieval: the share of predictions whose most
+    similar target (cosine, among the batch's) is their own (``pred_top1``; a mean prediction
+    scores about ``1 / n``, given as ``pred_top1_chance``). 0-d tensors (no host sync)."""
     p, t = pred[slot_valid].float(), target[slot_valid].float()
     if p.shape[0] < 2:
         nan = pred.new_tensor(math.nan, dtype=torch.float32)
-        return {"target_std": nan, "pred_std": nan, "pred_target_cos": nan}
+        return dict.fromkeys(
+            ("target_std", "pred_std", "pred_target_cos", "pred_top1", "pred_top1_chance"), nan
+        )
+    sim = F.normalize(p, dim=-1) @ F.normalize(t, dim=-1).T
+    hits = (sim.argmax(1) == torch.arange(len(p), device=p.device)).float().mean()
     return {
         "target_std": t.std(dim=0).mean(),
         "pred_std": p.std(dim=0).mean(),
         "pred_target_cos": F.cosine_similarity(p, t, dim=-1).mean(),
+        "pred_top1": hits,
+        "pred_top1_chance": p.new_tensor(1.0 / len(p)),
     }
 
 
@@ -221,7 +317,8 @@ def step_flops(model: JEPA, batch: Batch, recompute: bool) -> tuple[Tensor, Tens
     enc_ctx = stream_flops(enc, batch, "ctx", n_ctx)
     enc_win = stream_flops(enc, batch, "full", n_win)
     pred_core = stream_flops(pred, batch, "pred", n_ctx + n_tgt)
-    pred_io = 2.0 * enc.dim * pred.dim * (n_ctx.sum() + batch["tgt_sent_valid"].sum())
+    n_out = n_tgt.sum() if model.level == "token" else batch["tgt_sent_valid"].sum()
+    pred_io = 2.0 * enc.dim * pred.dim * (n_ctx.sum() + n_out)
     forward_trainable = enc_ctx + pred_core + pred_io
     model_flops = 3.0 * forward_trainable + enc_win
     hardware_flops = model_flops + forward_trainable if recompute else model_flops
@@ -264,6 +361,7 @@ class JEPAObjective:
     def __init__(self, cfg: Config, vocab_size: int, rt: Runtime) -> None:
         self.cfg, self.rt = cfg, rt
         self.module, target = build_models(cfg, vocab_size)
+        self.module.return_context = cfg.loss.reg_on == "context" and cfg.loss.reg != "none"
         self.target: TextEncoder = target.to(rt.device)
         self.ema = EmaTarget(self.target, self.module.encoder, rt)
         self.momentum = math.nan  # of the last EMA update
@@ -271,15 +369,35 @@ class JEPAObjective:
     def prepare(self, batch: dict[str, Any], split: str, key: tuple[int, ...]) -> Batch:
         return move_batch(batch, self.rt.device)
 
+    def targets(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+        """(loss targets [B, X, D] with their validity [B, X], sentence targets [B, S, D]): X is
+        the target sentences (``target.level=sentence``) or the target tokens (``token``)."""
+        feats = target_features(self.target, batch, self.rt.autocast, self.cfg.target)
+        sentences = pooled_targets(feats, batch)
+        if self.cfg.target.level == "token":
+            return token_targets(feats, batch), batch["tgt_valid"], sentences
+        return sentences, batch["tgt_sent_valid"], sentences
+
     def loss(self, eng: Any, batch: Batch) -> tuple[Tensor, Outputs]:
         phase = self.rt.phase
-        with phase("targets"):  # 1. targets: EMA encoder on the full window, pooled, no grad
-            targets = compute_targets(self.target, batch, self.rt.autocast)
+        with phase("targets"):  # 1. targets: EMA encoder on the full window, no grad
+            targets, valid, sentences = self.targets(batch)
         with phase("forward"):  # 2. context encoder on context tokens only + predictor
-            preds = eng(batch)
+            out = eng(batch)
+        preds, ctx = out if self.module.return_context else (out, None)
         with phase("loss"):  # 3. loss in embedding space
-            loss, parts = jepa_loss(preds, targets, batch["tgt_sent_valid"], self.cfg.loss)
-        return loss, Outputs(preds.detach(), targets, batch["tgt_sent_valid"], parts)
+            context = None if ctx is None else (ctx, batch["ctx_valid"])
+            loss, parts = jepa_loss(preds, targets, valid, self.cfg.loss, context)
+        return loss, self.outputs(preds, sentences, batch, parts)
+
+    def outputs(self, preds: Tensor, sentences: Tensor, batch: Batch, parts: dict) -> Outputs:
+        """Sentence-level predictions and targets for the monitors (token predictions pooled)."""
+        preds = preds.detach()
+        if self.cfg.target.level == "token":
+            preds = pool_by_slot(
+                preds, batch["tgt_sent"], batch["tgt_valid"], batch["tgt_sent_valid"].shape[1]
+            )
+        return Outputs(preds, sentences, batch["tgt_sent_valid"], parts)
 
     def flops(self, batch: Batch) -> tuple[Tensor, Tensor]:
         return step_flops(self.module, batch, self.cfg.model.activation_checkpointing)
@@ -301,7 +419,7 @@ class JEPAObjective:
 
         return quick_eval(
             self.module, self.target, list(batches), self.cfg.loss, self.rt.autocast,
-            seed=self.cfg.train.seed,
+            seed=self.cfg.train.seed, target_cfg=self.cfg.target,
         )  # fmt: skip
 
     def summary(self) -> str:

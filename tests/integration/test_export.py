@@ -244,8 +244,8 @@ def test_exported_encoder_embeds_like_the_training_encoder(runs, tmp_path, tiny_
 def test_export_errors_name_the_path(runs, tmp_path, capsys):
     with pytest.raises(ExportError, match="does not exist"):
         export(tmp_path / "nothing", tmp_path / "out")
-    # the command line: exit code 1 and the message, no traceback
-    assert export_main([str(tmp_path / "nothing"), "--out", str(tmp_path / "out")]) == 1
+    # the command line: exit code 2 and the message, no traceback
+    assert export_main([str(tmp_path / "nothing"), "--out", str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err == f"error: {tmp_path / 'nothing'} does not exist\n"
     empty = tmp_path / "empty_run"
     (empty / "checkpoints").mkdir(parents=True)

@@ -1,0 +1,118 @@
+"""``objective=jepa+mlm``: the latent prediction of LANG-JEPA and BERT's token loss on one encoder
+(in the spirit of Predict-and-Reconstruct).
+
+One context forward serves both: 15% (``loss.mlm_prob``) of the *context* tokens are corrupted
+BERT-style (80% [MASK], 10% random, 10% kept) before the context encoder reads them; the predictor
+predicts the hidden sentences' target embeddings from those features as in ``jepa``, and an MLM
+head predicts the corrupted tokens' ids from the same features. The EMA target encoder reads the
+clean window. Loss: the JEPA loss + ``loss.mlm_weight`` x the token cross-entropy.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..config import Config
+from ..data.windows import stable_hash63
+from .base import Batch, Outputs, Runtime, batch_segments, move_batch, parameter_count
+from .jepa import JEPA, JEPAObjective, jepa_loss, step_flops
+from .mlm import mask_token_id, mlm_loss, mlm_mask
+
+
+class JEPAMLM(JEPA):
+    """Context encoder + predictor + MLM head. forward(batch) -> (predictions, logits [B, K, V]
+    at the corrupted context tokens[, context features])."""
+
+    def __init__(self, jepa: JEPA, vocab_size: int, norm_eps: float = 1e-6) -> None:
+        super().__init__(jepa.encoder, jepa.predictor, jepa.level)
+        dim = jepa.encoder.dim
+        self.head_norm = nn.LayerNorm(dim, eps=norm_eps)
+        self.head = nn.Linear(dim, vocab_size)
+        nn.init.trunc_normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, batch: Batch) -> tuple[Tensor, ...]:
+        ids, pos = self.context_inputs(batch, key="mlm_input_ids")
+        ctx = self.encoder(ids, pos, batch["ctx_valid"], batch_segments(batch, "ctx"))
+        preds = self.predict_from(batch, ctx, pos, batch["ctx_valid"], self.level == "sentence")
+        index = batch["mlm_ctx_index"][..., None].expand(-1, -1, ctx.shape[-1])
+        logits = self.head(self.head_norm(ctx.gather(1, index)))
+        return (preds, logits, ctx) if self.return_context else (preds, logits)
+
+
+def context_mlm_mask(
+    batch: Batch, mask_id: int, vocab_size: int, prob: float, generator: torch.Generator
+) -> Batch:
+    """BERT corruption of the context tokens only: the batch plus ``mlm_input_ids`` [B, L] (the
+    window with its chosen context tokens corrupted), ``mlm_labels``/``mlm_valid`` [B, K] and
+    ``mlm_ctx_index`` [B, K] (where each chosen token sits in the context stream)."""
+    b, n = batch["input_ids"].shape
+    ctx_index, ctx_valid = batch["ctx_index"], batch["ctx_valid"]
+    in_ctx = torch.zeros(b, n, dtype=torch.int32).scatter_add_(1, ctx_index, ctx_valid.int()) > 0
+    out = mlm_mask({**batch, "valid": in_ctx}, mask_id, vocab_size, prob, generator)
+    out["valid"] = batch["valid"]
+    # window position -> context slot (padding slots of ctx_index go to a dropped extra column)
+    nc = ctx_index.shape[1]
+    where = torch.where(ctx_valid, ctx_index, n)
+    slot = torch.zeros(b, n + 1, dtype=torch.long)
+    slot.scatter_(1, where, torch.arange(nc).expand(b, -1))
+    out["mlm_ctx_index"] = slot[:, :n].gather(1, out["mlm_index"])
+    return out
+
+
+class JEPAMLMObjective(JEPAObjective):
+    """``objective=jepa+mlm``: see the module docstring."""
+
+    name: ClassVar[str] = "jepa+mlm"
+
+    def __init__(self, cfg: Config, vocab_size: int, rt: Runtime) -> None:
+        super().__init__(cfg, vocab_size, rt)
+        self.mask_id = mask_token_id(cfg.data.shards)
+        jepa = self.module
+        self.module = JEPAMLM(jepa, vocab_size, cfg.model.norm_eps)
+        self.module.return_context = jepa.return_context
+        self.ema.online = self.module.encoder
+
+    def prepare(self, batch: dict[str, Any], split: str, key: tuple[int, ...]) -> Batch:
+        gen = torch.Generator().manual_seed(
+            stable_hash63(f"jepa+mlm-{split}", self.cfg.train.seed, *key)
+        )
+        masked = context_mlm_mask(
+            batch, self.mask_id, self.cfg.model.vocab_size, self.cfg.loss.mlm_prob, gen
+        )
+        return move_batch(masked, self.rt.device)
+
+    def loss(self, eng: Any, batch: Batch) -> tuple[Tensor, Outputs]:
+        phase = self.rt.phase
+        with phase("targets"):
+            targets, valid, sentences = self.targets(batch)
+        with phase("forward"):
+            out = eng(batch)
+        preds, logits = out[0], out[1]
+        with phase("loss"):
+            context = (out[2], batch["ctx_valid"]) if self.module.return_context else None
+            latent, parts = jepa_loss(preds, targets, valid, self.cfg.loss, context)
+            tokens = mlm_loss(logits, batch)
+            loss = latent + self.cfg.loss.mlm_weight * tokens
+        parts = {**parts, "latent_loss": latent.detach(), "mlm_loss": tokens.detach()}
+        return loss, self.outputs(preds, sentences, batch, parts)
+
+    def flops(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        model_flops, hardware_flops = step_flops(
+            self.module, batch, self.cfg.model.activation_checkpointing
+        )
+        head = 3.0 * 2.0 * self.module.encoder.dim * self.module.head.out_features
+        head = head * batch["mlm_valid"].sum()
+        return model_flops + head, hardware_flops + head
+
+    def summary(self) -> str:
+        n_enc = parameter_count(self.module.encoder)
+        n_head = parameter_count(self.module.head) + parameter_count(self.module.head_norm)
+        n_pred = parameter_count(self.module) - n_enc - n_head
+        return (
+            f"encoder {n_enc / 1e6:.1f}M params, predictor {n_pred / 1e6:.1f}M params, "
+            f"MLM head {n_head / 1e6:.1f}M params (weight {self.cfg.loss.mlm_weight})"
+        )

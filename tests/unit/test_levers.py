@@ -1,0 +1,230 @@
+"""The levers of the objective (target layers and norms, token-level targets, InfoNCE, SIGReg on
+the context, the jepa+mlm hybrid, the alarm on the predictions), each against a known answer, on
+real batches of the tiny preset (real shards, real tokenizer), no engine."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lang_jepa.config import ConfigError, load_config
+from lang_jepa.metrics import CollapseAlarm
+from lang_jepa.objectives import (
+    Runtime,
+    batch_segments,
+    build_objective,
+    infonce,
+    jepa_loss,
+    pooled_targets,
+    target_features,
+    token_targets,
+)
+from lang_jepa.objectives.hybrid import context_mlm_mask
+from lang_jepa.objectives.jepa import normalise, representation_stats
+from tests.helpers import setup_batch
+
+CPU = Runtime(torch.device("cpu"), 0, 1, None)
+
+
+def test_a_perfect_predictor_scores_infonce_near_zero_and_the_mean_log_n():
+    n, d = 12, 32
+    target = (torch.eye(d)[:n] * 3.0).reshape(2, 6, d)  # orthogonal targets
+    valid = torch.ones(2, 6, dtype=torch.bool)
+    assert float(infonce(target.clone(), target, valid, 0.05)) < 1e-6
+    mean = target.mean((0, 1), keepdim=True).expand_as(target)
+    assert float(infonce(mean, target, valid, 0.05)) == pytest.approx(math.log(n), rel=1e-5)
+    # invalid slots are neither queries nor candidates
+    valid[1, 3:] = False
+    assert float(infonce(mean, target, valid, 0.05)) == pytest.approx(math.log(9), rel=1e-5)
+
+
+def test_infonce_as_a_loss_type_and_mixed_with_the_regression(tiny_shards):
+    cfg = load_config("tiny", [f"data.shards={tiny_shards}", "loss.infonce_weight=0.5"])
+    pred, target = torch.randn(2, 5, 16), torch.randn(2, 5, 16)
+    valid = torch.ones(2, 5, dtype=torch.bool)
+    loss, parts = jepa_loss(pred, target, valid, cfg.loss)
+    regression = F.smooth_l1_loss(pred, target)
+    assert float(loss) == pytest.approx(float(regression + 0.5 * parts["infonce"]), rel=1e-5)
+    cfg.loss.type, cfg.loss.infonce_weight = "infonce", 0.0
+    loss, _ = jepa_loss(pred, target, valid, cfg.loss)
+    assert float(loss) == pytest.approx(float(infonce(pred, target, valid, 0.1)), rel=1e-6)
+
+
+@pytest.mark.parametrize("tensor", ["block", "ffn"])
+@pytest.mark.parametrize("norm", ["layer", "instance", "none"])
+def test_top_k_targets_equal_averaging_the_layers_by_hand(tiny_shards, tensor, norm):
+    cfg, _, target, batch, _ = setup_batch(
+        tiny_shards, "model.depth=3", f"target.tensor={tensor}", "target.layers=2",
+        f"target.norm={norm}", "data.packing=false",
+    )  # fmt: skip
+    seen = []
+    hooks = [
+        (block.mlp if tensor == "ffn" else block).register_forward_hook(
+            lambda m, i, o: seen.append(o.detach())
+        )
+        for block in target.stack.blocks
+    ]
+    with torch.no_grad():
+        target(batch["input_ids"], batch["position_ids"], batch["valid"])
+    for h in hooks:
+        h.remove()
+    assert len(seen) == 3
+    valid = batch["valid"]
+
+    def by_hand(x):
+        if norm == "layer":
+            return F.layer_norm(x, (x.shape[-1],))
+        if norm == "none":
+            return x
+        out = torch.empty_like(x)
+        for r in range(x.shape[0]):  # each row: per channel over its valid tokens
+            v = x[r][valid[r]]
+            out[r] = (x[r] - v.mean(0)) / torch.sqrt(v.var(0, unbiased=False) + 1e-5)
+        return out
+
+    want = (by_hand(seen[1]) + by_hand(seen[2])) / 2
+    got = target_features(target, batch, None, cfg.target)
+    torch.testing.assert_close(got[valid], want[valid], atol=1e-5, rtol=1e-4)
+
+
+def test_the_final_tensor_is_the_encoder_output(tiny_shards):
+    cfg, _, target, batch, _ = setup_batch(tiny_shards)
+    with torch.no_grad():
+        out = target(batch["input_ids"], batch["position_ids"], batch["valid"],
+                     batch_segments(batch, "full"))  # fmt: skip
+    assert torch.equal(target_features(target, batch, None, cfg.target), out)
+
+
+def test_instance_norm_is_per_channel_over_valid_tokens():
+    x = torch.randn(2, 7, 4) * 5 + 3
+    valid = torch.ones(2, 7, dtype=torch.bool)
+    valid[1, 5:] = False
+    y = normalise(x, "instance", valid)
+    for r in range(2):
+        v = y[r][valid[r]]
+        torch.testing.assert_close(v.mean(0), torch.zeros(4), atol=1e-5, rtol=0)
+        torch.testing.assert_close(v.std(0, unbiased=False), torch.ones(4), atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_token_level_predicts_every_target_token(tiny_shards, packing):
+    cfg, model, target, batch, _ = setup_batch(
+        tiny_shards, "target.level=token", f"data.packing={packing}"
+    )
+    model.eval()
+    with torch.no_grad():
+        tokens = model(batch)
+        sentences = model.predict(batch, *model.context_inputs(batch), batch["ctx_valid"])
+    assert tokens.shape[:2] == batch["tgt_index"].shape
+    # a sentence prediction is the mean of its tokens' predictions
+    from lang_jepa.models import pool_by_slot
+
+    pooled = pool_by_slot(tokens, batch["tgt_sent"], batch["tgt_valid"], sentences.shape[1])
+    m = batch["tgt_sent_valid"]
+    torch.testing.assert_close(pooled[m], sentences[m], atol=1e-5, rtol=1e-4)
+    # the loss is taken at every valid target token against that token's target
+    feats = target_features(target, batch, None, cfg.target)
+    targets = token_targets(feats, batch)
+    loss, _ = jepa_loss(tokens, targets, batch["tgt_valid"], cfg.loss)
+    v = batch["tgt_valid"]
+    want = F.smooth_l1_loss(tokens[v], targets[v])
+    assert float(loss) == pytest.approx(float(want), rel=1e-5)
+    # the objective's monitors still see sentences: pooled predictions and pooled targets
+    objective = build_objective(cfg, target.tok_emb.num_embeddings, CPU)
+    objective.module.load_state_dict(model.state_dict())
+    objective.target.load_state_dict(target.state_dict())
+    out = objective.outputs(tokens, pooled_targets(feats, batch), batch, {})
+    assert out.predictions.shape == out.targets.shape == (*m.shape, tokens.shape[-1])
+
+
+def test_sigreg_on_the_context_reaches_the_encoder(tiny_shards):
+    cfg, model, target, batch, _ = setup_batch(
+        tiny_shards, "loss.reg=sigreg", "loss.reg_on=context", "loss.reg_weight=1.0",
+        "loss.sigreg_slices=256",
+    )  # fmt: skip
+    model.return_context = True
+    preds, ctx = model(batch)
+    targets = pooled_targets(target_features(target, batch, None), batch)
+    loss, parts = jepa_loss(
+        preds, targets, batch["tgt_sent_valid"], cfg.loss, (ctx, batch["ctx_valid"])
+    )
+    assert float(parts["reg"]) > 0
+    assert float(loss) == pytest.approx(float(parts["pred_loss"] + parts["reg"]), rel=1e-5)
+    # the term is on the context encoder's token features: its gradient reaches the encoder only
+    from lang_jepa.objectives.jepa import sigreg_term
+
+    model.zero_grad()
+    sigreg_term(ctx[batch["ctx_valid"]], n_dirs=256).backward()
+    assert model.encoder.tok_emb.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.predictor.parameters())
+    # SIGReg prefers isotropic Gaussian features to collapsed ones
+    torch.manual_seed(0)
+    gauss = torch.randn(2000, 64)
+    collapsed = gauss[:, :1].expand(-1, 64) + 0.01 * torch.randn(2000, 64)
+
+    assert float(sigreg_term(gauss, n_dirs=256)) < 0.1 * float(sigreg_term(collapsed, n_dirs=256))
+
+
+def test_the_hybrid_corrupts_only_context_tokens(tiny_shards, tok):
+    cfg, _, _, batch, vocab = setup_batch(tiny_shards, "objective=jepa+mlm")
+    gen = torch.Generator().manual_seed(0)
+    out = context_mlm_mask(batch, tok.mask_token_id, vocab, 0.3, gen)
+    b, n = batch["input_ids"].shape
+    in_ctx = torch.zeros(b, n, dtype=torch.bool)
+    for r in range(b):
+        in_ctx[r, batch["ctx_index"][r][batch["ctx_valid"][r]]] = True
+    changed = out["mlm_input_ids"] != batch["input_ids"]
+    assert changed.any() and not (changed & ~in_ctx).any()  # never a target token
+    v = out["mlm_valid"]
+    rows = torch.arange(b)[:, None].expand_as(out["mlm_index"])
+    assert in_ctx[rows[v], out["mlm_index"][v]].all()
+    # mlm_ctx_index points at the same token in the context stream
+    ctx_pos = batch["ctx_index"].gather(1, out["mlm_ctx_index"])
+    assert torch.equal(ctx_pos[v], out["mlm_index"][v])
+    assert torch.equal(out["mlm_labels"][v], batch["input_ids"][rows[v], out["mlm_index"][v]])
+    assert torch.equal(out["input_ids"], batch["input_ids"])  # the targets read the clean window
+
+
+def test_the_hybrid_loss_is_the_latent_loss_plus_the_weighted_token_loss(tiny_shards):
+    cfg, _, _, batch, vocab = setup_batch(tiny_shards, "objective=jepa+mlm", "loss.mlm_weight=0.3")
+    cfg.model.vocab_size = vocab
+    torch.manual_seed(0)
+    objective = build_objective(cfg, vocab, CPU)
+    prepared = objective.prepare(batch, "train", (0, 0, 0))
+    loss, out = objective.loss(objective.module, prepared)
+    p = out.parts
+    assert float(loss) == pytest.approx(float(p["latent_loss"] + 0.3 * p["mlm_loss"]), rel=1e-5)
+    assert float(p["mlm_loss"]) == pytest.approx(math.log(vocab), rel=0.05)  # untrained head
+    # the same corruption for the same (seed, split, key): a resumed run draws the same
+    again = objective.prepare(batch, "train", (0, 0, 0))
+    assert torch.equal(again["mlm_input_ids"], prepared["mlm_input_ids"])
+
+
+def test_the_alarm_sees_a_prediction_that_regressed_to_the_mean():
+    alarm = CollapseAlarm(min_rank=2.0, min_std=0.05, patience=2, min_pred_std=0.01)
+    assert not alarm.check(50.0, 0.8, 0.2)
+    assert not alarm.check(50.0, 0.8, 0.005)  # healthy targets, a mean prediction: one strike
+    assert alarm.check(50.0, 0.8, 0.004) and "prediction std" in alarm.why
+    # in-batch retrieval: perfect predictions find their own target, the mean finds ~one
+    t = torch.randn(1, 40, 16)
+    valid = torch.ones(1, 40, dtype=torch.bool)
+    perfect = representation_stats(t, t, valid)
+    assert float(perfect["pred_top1"]) == 1.0
+    assert float(perfect["pred_top1_chance"]) == pytest.approx(1 / 40)
+    mean = representation_stats(t.mean(1, keepdim=True).expand_as(t) + 1e-4 * t, t, valid)
+    assert float(mean["pred_top1"]) <= 0.1 and float(mean["pred_std"]) < 0.01
+
+
+def test_lever_settings_are_checked(tiny_shards):
+    base = [f"data.shards={tiny_shards}"]
+    for bad, key in [("target.tensor=middle", "target.tensor"), ("target.layers=9", "target.layers"),
+                     ("target.norm=batch", "target.norm"), ("target.level=word", "target.level"),
+                     ("loss.type=hinge", "loss.type"), ("loss.temperature=0", "loss.temperature"),
+                     ("loss.reg_on=targets", "loss.reg_on"), ("objective=jepa+vae", "objective")]:  # fmt: skip
+        with pytest.raises(ConfigError, match=f"'{key}'"):
+            load_config("tiny", [*base, bad])
+    with pytest.raises(ConfigError, match="target.tensor=final is one tensor"):
+        load_config("tiny", [*base, "target.layers=2"])
