@@ -174,7 +174,10 @@ class Builder:
         )
         pool = None
         if workers > 0:
-            method = "fork" if sys.platform.startswith("linux") else "spawn"
+            # forkserver: workers forked from a clean single-threaded server, never from this
+            # process (a fork of a process running other threads, e.g. a test runner or a
+            # notebook that used torch, can deadlock on a lock one of them held)
+            method = "forkserver" if sys.platform.startswith("linux") else "spawn"
             pool = mp.get_context(method).Pool(workers, init_worker, initargs)
         else:
             processor = Processor(*initargs)
