@@ -17,7 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 PRESET_DIR = Path(__file__).parent / "configs"
 # The values of ``objective``: the keys of lang_jepa.objectives.OBJECTIVES (checked there at import;
 # kept here so that reading a config imports no model or engine code).
-OBJECTIVE_NAMES = ("jepa", "mlm", "jepa+mlm")
+OBJECTIVE_NAMES = ("jepa", "mlm", "jepa+mlm", "decoder")
 
 
 class ConfigError(ValueError):
@@ -163,9 +163,23 @@ class EvalConfig:
 
 
 @dataclass
+class DecoderConfig:
+    """``objective=decoder``: a concept decoder trained on a frozen exported encoder's sentence
+    embeddings (:mod:`lang_jepa.decoder`)."""
+
+    encoder: str = ""  # the export directory (python -m lang_jepa.export) whose embeddings it reads
+    dim: int = 256
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    prefix: int = 4  # vectors the embedding is projected to, before the tokens
+    max_tokens: int = 64  # tokens per sentence it learns to write (longer ones are cut, counted)
+
+
+@dataclass
 class Config:
     objective: str = (
-        "jepa"  # one of OBJECTIVE_NAMES: jepa | mlm (the same-encoder masked-LM control)
+        "jepa"  # jepa | mlm (the masked-LM control) | jepa+mlm | decoder (lang_jepa.decoder)
     )
     model: ModelConfig = field(default_factory=ModelConfig)
     predictor: PredictorConfig = field(default_factory=PredictorConfig)
@@ -177,6 +191,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
 
 
 def preset_names() -> list[str]:
@@ -298,6 +313,14 @@ def validate(cfg: Config) -> None:
         "objective",
         f"{cfg.objective!r} is not one of {' | '.join(OBJECTIVE_NAMES)}",
     )
+    dc = cfg.decoder
+    _check(
+        cfg.objective != "decoder" or bool(dc.encoder),
+        "decoder.encoder",
+        "objective=decoder needs the export directory of the encoder it decodes",
+    )
+    _check(dc.dim % dc.heads == 0, "decoder.dim", f"{dc.dim} is not a multiple of decoder.heads")
+    _check(dc.prefix >= 1 and dc.max_tokens >= 1, "decoder.prefix", "prefix and max_tokens >= 1")
     _check(0 < cfg.loss.mlm_prob < 1, "loss.mlm_prob", "must be in (0, 1)")
     _check(
         cfg.loss.type in ("smooth_l1", "l2", "cosine", "infonce"),

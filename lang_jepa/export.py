@@ -109,6 +109,26 @@ def export(run: str | Path, out: str | Path, tag: str | None = None, which: str 
     return out
 
 
+def export_random_init(model_cfg: dict[str, Any], vocab_size: int, tokenizer_dir: Path, out: Path,
+                       seed: int = 0) -> Path:  # fmt: skip
+    """A freshly initialised encoder (the random-init baseline, seeded) in the export format, with
+    ``tokenizer_dir`` copied beside it; returns ``out``."""
+    from .eval.loading import random_encoder
+
+    enc = random_encoder(model_cfg, vocab_size, tokenizer_dir, seed=seed)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in enc.model.state_dict().items()}
+    save_file(state, str(out / WEIGHTS_NAME), metadata={"format": FORMAT, "which": "init"})
+    shutil.rmtree(out / TOKENIZER_DIR, ignore_errors=True)
+    shutil.copytree(tokenizer_dir, out / TOKENIZER_DIR)
+    config = {"format": FORMAT, "which": "init", "model": encoder_config(model_cfg, vocab_size),
+              "source": {"kind": "random_init", "seed": seed, "step": 0},
+              "tokenizer": {"dir": TOKENIZER_DIR, "source": str(Path(tokenizer_dir).resolve())}}  # fmt: skip
+    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lang_jepa.export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip

@@ -15,7 +15,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,16 +23,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import save_file
-
 from lang_jepa.checkpoint import TAG_RE, TARGET_FILE, latest_tag, tag_for
-from lang_jepa.encoder_api import CONFIG_NAME, FORMAT, TOKENIZER_DIR, WEIGHTS_NAME, Encoder
-from lang_jepa.eval.loading import load_run, random_encoder
+from lang_jepa.encoder_api import CONFIG_NAME, TOKENIZER_DIR, Encoder
+from lang_jepa.eval.loading import load_run
 from lang_jepa.eval.predictor import eval_batches, predictor_eval
 from lang_jepa.eval.suite import encoder_tasks
 from lang_jepa.eval.tasks import EncoderEmbedder
-from lang_jepa.export import export
-from lang_jepa.models import encoder_config
+from lang_jepa.export import export, export_random_init
 from lang_jepa.report import read_jsonl
 
 from .spec import Cell, ExperimentSpec, model_config
@@ -136,18 +132,8 @@ def export_random(cell: Cell, out: Path) -> Path:
     """The untrained variant's export: the suite's random-init encoder, seeded with the cell's
     seed, written in the export format (``lang_jepa.Encoder.from_pretrained`` loads it)."""
     model_cfg, vocab = model_config(cell.cfg)
-    tok = Path(cell.cfg.data.shards) / TOKENIZER_DIR
-    enc = random_encoder(model_cfg, vocab, tok, seed=cell.seed)
-    out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.contiguous() for k, v in enc.model.state_dict().items()}
-    save_file(state, str(out / WEIGHTS_NAME), metadata={"format": FORMAT, "which": "init"})
-    shutil.rmtree(out / TOKENIZER_DIR, ignore_errors=True)
-    shutil.copytree(tok, out / TOKENIZER_DIR)
-    config = {"format": FORMAT, "which": "init", "model": encoder_config(model_cfg, vocab),
-              "source": {"kind": "random_init", "seed": cell.seed, "step": 0},
-              "tokenizer": {"dir": TOKENIZER_DIR, "source": str(tok.resolve())}}  # fmt: skip
-    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-    return out
+    return export_random_init(model_cfg, vocab, Path(cell.cfg.data.shards) / TOKENIZER_DIR, out,
+                              cell.seed)  # fmt: skip
 
 
 def exports_at(cell: Cell, spec: ExperimentSpec, step: int) -> dict[str, Path]:

@@ -98,7 +98,8 @@ class Attention(nn.Module):
 
     ``mask`` is None (every token attends to every token of its row: SDPA may take the flash
     kernel on GPU), a key-padding mask [B, N] (True = may be attended; SDPA's memory-efficient
-    kernel), or :class:`Segments` for a packed batch (block-diagonal; flash varlen on GPU).
+    kernel), a pair mask [B, N, N] (query i may attend key j), or :class:`Segments` for a packed
+    batch (block-diagonal; flash varlen on GPU).
     """
 
     def __init__(self, dim: int, heads: int, dropout: float = 0.0) -> None:
@@ -118,7 +119,10 @@ class Attention(nn.Module):
         if isinstance(mask, Segments):
             flat = [t.transpose(1, 2).reshape(b * n, self.heads, self.head_dim) for t in (q, k, v)]
             return self.proj(segment_attention(*flat, mask, dropout).reshape(b, n, d))
-        attn_mask = None if mask is None else mask[:, None, None, :]
+        # [B, N] keys that may be attended, or [B, N, N] (query, key) pairs (the decoder's causal mask)
+        attn_mask = (
+            None if mask is None else mask[:, None] if mask.dim() == 3 else mask[:, None, None, :]
+        )
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 

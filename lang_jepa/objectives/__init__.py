@@ -1,7 +1,8 @@
 """Training objectives behind one interface (:class:`~lang_jepa.objectives.base.Objective`).
 
 ``objective=jepa`` is LANG-JEPA itself; ``objective=mlm`` is the same-encoder masked-LM control;
-``objective=jepa+mlm`` trains both losses on one encoder.
+``objective=jepa+mlm`` trains both losses on one encoder; ``objective=decoder`` trains a concept
+decoder on a frozen exported encoder.
 :func:`build_objective` picks one by the config value; the training loop never asks which.
 """
 
@@ -20,6 +21,7 @@ from .base import (
     move_batch,
     no_phase,
 )
+from .decoder import DecoderObjective
 from .hybrid import JEPAMLM, JEPAMLMObjective
 from .jepa import (
     JEPA,
@@ -38,6 +40,7 @@ OBJECTIVES: dict[str, type] = {
     "jepa": JEPAObjective,
     "mlm": MLMObjective,
     "jepa+mlm": JEPAMLMObjective,
+    "decoder": DecoderObjective,
 }
 if tuple(OBJECTIVES) != OBJECTIVE_NAMES:
     raise ImportError(f"lang_jepa.config.OBJECTIVE_NAMES {OBJECTIVE_NAMES} != {tuple(OBJECTIVES)}")
@@ -59,6 +62,7 @@ __all__ = [
     "MLM",
     "OBJECTIVES",
     "Batch",
+    "DecoderObjective",
     "JEPAObjective",
     "MLMObjective",
     "Objective",

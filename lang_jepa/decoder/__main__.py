@@ -1,0 +1,217 @@
+"""``python -m lang_jepa.decoder``: train, export and score a concept decoder.
+
+    python -m lang_jepa.decoder train EXPORT --shards DIR --out RUN_DIR [--config decoder]
+        [--deepspeed_config ds_configs/zero2.json] [key=value ...]
+    python -m lang_jepa.decoder export RUN_DIR --out DIR [--tag TAG]
+    python -m lang_jepa.decoder eval DECODER_DIR --shards DIR [--limit 500] [--out DIR]
+
+``train`` runs the repository's ``train.py`` with ``objective=decoder decoder.encoder=EXPORT``
+(the same config tree, DeepSpeed engine, checkpoints, exact resume, TensorBoard; several ranks:
+``deepspeed train.py ... objective=decoder decoder.encoder=EXPORT``), then exports the newest
+checkpoint to ``RUN_DIR/export``. ``eval`` writes ``decoder_eval.json``, ``decoder_eval.md`` and
+``decoder_examples.md`` (original, reconstruction, nearest training sentence) for held-out
+sentences of the shards' ``val`` split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..checkpoint import CheckpointError
+from ..data.reader import decode_sample, read_shard, split_shards
+from ..shards import ShardFormatError
+from .api import Decoder, DecoderError, export_decoder
+from .metrics import cosine_rows, reconstruction_scores
+
+TRAIN_PY = Path(__file__).resolve().parent.parent.parent / "train.py"
+log = logging.getLogger("lang_jepa.decoder")
+
+
+def held_out_sentences(shards: str | Path, split: str, limit: int, max_tokens: int,
+                       ) -> tuple[list[np.ndarray], dict[str, int]]:  # fmt: skip
+    """Up to ``limit`` sentences of ``split``: every k-th sentence of the split (k spreads them
+    over all documents). Sentences over ``max_tokens`` tokens are skipped and counted."""
+    sentences: list[np.ndarray] = []
+    skipped = {"longer_than_max_tokens": 0}
+    for info in split_shards(shards, split):
+        for sample in read_shard(info.url, info.samples, info.sha256):
+            tokens, sents, _ = decode_sample(sample, info.url, info.vocab_size)
+            for a, b in zip(sents[:-1], sents[1:], strict=True):
+                if b - a > max_tokens:
+                    skipped["longer_than_max_tokens"] += 1
+                elif b > a:
+                    sentences.append(np.asarray(tokens[a:b], dtype=np.int64))
+    step = max(1, len(sentences) // limit) if limit else 1
+    picked = sentences[::step][:limit] if limit else sentences
+    return picked, {**skipped, "available": len(sentences), "picked": len(picked)}
+
+
+def embed(dec: Decoder, ids: list[np.ndarray] | list[list[int]]) -> np.ndarray:
+    """Sentence embeddings of token-id lists (each read on its own); an empty list gives zeros."""
+    docs = [(np.asarray(i, dtype=np.int64), np.array([0, len(i)], dtype=np.int64)) for i in ids]
+    out = np.zeros((len(ids), dec.encoder.dim), dtype=np.float32)
+    keep = [k for k, (t, _) in enumerate(docs) if len(t)]
+    if keep:
+        out[keep] = dec.encoder.encode_ids([docs[k] for k in keep], level="document").numpy()
+    return out
+
+
+def evaluate(decoder_dir: str | Path, shards: str | Path, limit: int = 500, split: str = "val",
+             examples: int = 12, pool: int = 5000, strategy: str = "greedy") -> dict[str, Any]:  # fmt: skip
+    """Score reconstructions of held-out sentences; returns the ``decoder_eval.json`` content."""
+    dec = Decoder.from_pretrained(decoder_dir, device="cpu")
+    limit_tokens = min(dec.max_tokens, dec.encoder.seq_len)
+    gold, counts = held_out_sentences(shards, split, limit, limit_tokens)
+    if not gold:
+        raise DecoderError(f"{shards}: no {split} sentence of at most {limit_tokens} tokens")
+    t0 = time.perf_counter()
+    emb = embed(dec, gold)
+    pred_ids = dec.generate_ids(emb, strategy=strategy)  # type: ignore[arg-type]
+    seconds = time.perf_counter() - t0
+    gold_ids = [g.tolist() for g in gold]
+    pred_text, gold_text = dec.decode(pred_ids), dec.decode(gold_ids)
+    scores = reconstruction_scores(pred_ids, gold_ids, pred_text, gold_text)
+    cycle = cosine_rows(embed(dec, pred_ids), emb)
+    scores["cycle_cosine"] = float(cycle.mean())
+    train, _ = held_out_sentences(shards, "train", pool, limit_tokens)
+    train_emb = embed(dec, train)
+    shown = list(range(0, len(gold), max(1, len(gold) // examples)))[:examples]
+    sims = _unit(emb[shown]) @ _unit(train_emb).T
+    nearest = dec.decode([train[int(j)].tolist() for j in sims.argmax(1)])
+    return {
+        "decoder": str(Path(decoder_dir).resolve()),
+        "encoder": dec.config["source"].get("encoder"),
+        "step": dec.config["source"].get("step"),
+        "split": split,
+        "strategy": strategy,
+        "sentences": counts,
+        "scores": scores,
+        "generate_seconds": round(seconds, 2),
+        "examples": [
+            {
+                "original": gold_text[i],
+                "reconstruction": pred_text[i],
+                "nearest_train": nearest[k],
+                "token_f1": reconstruction_scores(
+                    [pred_ids[i]], [gold_ids[i]], [pred_text[i]], [gold_text[i]]
+                )["token_f1"],
+            }
+            for k, i in enumerate(shown)
+        ],  # fmt: skip
+    }
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def markdown(result: dict[str, Any]) -> tuple[str, str]:
+    """(the scores table, the examples page)."""
+    s = result["scores"]
+    table = (
+        f"Decoder `{result['decoder']}` (step {result['step']}) on {s['sentences']} held-out "
+        f"`{result['split']}` sentences, {result['strategy']} decoding\n\n"
+        "| token F1 | exact match | BLEU | chrF | cycle cosine |\n|---|---|---|---|---|\n"
+        f"| {s['token_f1']:.3f} | {s['exact_match']:.3f} | {s['bleu']:.1f} | {s['chrf']:.1f} | "
+        f"{s['cycle_cosine']:.3f} |\n"
+    )
+    rows = ["| original | reconstruction | nearest training sentence | token F1 |",
+            "|---|---|---|---|"]  # fmt: skip
+    for e in result["examples"]:
+        cells = [e["original"], e["reconstruction"], e["nearest_train"]]
+        rows.append(
+            "| " + " | ".join(c.replace("|", "\\|") for c in cells) + f" | {e['token_f1']:.2f} |"
+        )
+    return table, "# Reconstructions\n\n" + "\n".join(rows) + "\n"
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = json.loads((Path(args.export) / "config.json").read_text()) if (
+        Path(args.export) / "config.json").is_file() else None  # fmt: skip
+    if cfg is None:
+        print(f"error: {Path(args.export) / 'config.json'} not found: not an encoder export",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    seq_len = int(cfg["model"]["seq_len"])
+    cmd = [sys.executable, str(TRAIN_PY), "--deepspeed_config", args.deepspeed_config,
+           "--config", args.config, "objective=decoder", f"decoder.encoder={args.export}",
+           f"data.shards={args.shards}", f"train.run_dir={args.out}", f"model.seq_len={seq_len}",
+           *args.overrides]  # fmt: skip
+    log.info("%s", " ".join(cmd))
+    rc = subprocess.call(cmd)
+    if rc != 0:
+        return rc
+    out = export_decoder(args.out, Path(args.out) / "export")
+    print(out)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    print(export_decoder(args.run, args.out, args.tag))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    result = evaluate(args.decoder, args.shards, args.limit, args.split, args.examples,
+                      strategy=args.strategy)  # fmt: skip
+    out = Path(args.out or args.decoder)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "decoder_eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    table, page = markdown(result)
+    (out / "decoder_eval.md").write_text(table)
+    (out / "decoder_examples.md").write_text(page)
+    print(table)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lang_jepa.decoder", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train a decoder on an encoder export")
+    p.add_argument("export", help="encoder export directory (python -m lang_jepa.export)")
+    p.add_argument(
+        "--shards", required=True, help="shard directory (train split trains, val scores)"
+    )
+    p.add_argument("--out", required=True, help="the decoder's run directory")
+    p.add_argument("--config", default="decoder", help="preset or YAML file (default: decoder)")
+    p.add_argument("--deepspeed_config", default="ds_configs/zero2.json")
+    # dotted key=value config overrides follow the options (parsed as the unknown arguments)
+    p.set_defaults(fn=cmd_train)
+    p = sub.add_parser("export", help="export a decoder run's checkpoint")
+    p.add_argument("run")
+    p.add_argument("--out", required=True)
+    p.add_argument("--tag", default=None)
+    p.set_defaults(fn=cmd_export)
+    p = sub.add_parser("eval", help="score reconstructions of held-out sentences")
+    p.add_argument("decoder", help="decoder export directory")
+    p.add_argument("--shards", required=True)
+    p.add_argument("--split", default="val")
+    p.add_argument("--limit", type=int, default=500, help="held-out sentences scored (0: all)")
+    p.add_argument("--examples", type=int, default=12)
+    p.add_argument("--strategy", choices=("greedy", "top_p"), default="greedy")
+    p.add_argument("--out", default=None, help="where the reports go (default: the decoder dir)")
+    p.set_defaults(fn=cmd_eval)
+    args, extra = parser.parse_known_args(argv)
+    if extra and (args.command != "train" or any("=" not in e or e.startswith("-") for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = extra
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        return args.fn(args)
+    except (DecoderError, CheckpointError, ShardFormatError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""Reconstruction scores: token F1, exact match, BLEU and chrF (sacrebleu), cycle cosine."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def token_f1(pred: Sequence[int], gold: Sequence[int]) -> float:
+    """F1 of the multiset overlap of token ids (SQuAD's token F1 on the tokenizer's tokens)."""
+    if not pred and not gold:
+        return 1.0
+    common = sum((Counter(pred) & Counter(gold)).values())
+    if common == 0:
+        return 0.0
+    p, r = common / len(pred), common / len(gold)
+    return 2 * p * r / (p + r)
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine of two [N, D] arrays (0 where a row is all zero)."""
+    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    denom = np.where((na > 0) & (nb > 0), na * nb, 1.0)
+    return np.where((na > 0) & (nb > 0), (a * b).sum(1) / denom, 0.0)
+
+
+def reconstruction_scores(pred_ids: Sequence[Sequence[int]], gold_ids: Sequence[Sequence[int]],
+                          pred_text: Sequence[str], gold_text: Sequence[str]) -> dict[str, float]:  # fmt: skip
+    """Corpus-level scores of reconstructions against their originals (same order)."""
+    import sacrebleu
+
+    if len(pred_ids) != len(gold_ids) or len(pred_text) != len(gold_text) != len(pred_ids):
+        raise ValueError("reconstructions and originals differ in number")
+    f1 = [token_f1(list(p), list(g)) for p, g in zip(pred_ids, gold_ids, strict=True)]
+    exact = [list(p) == list(g) for p, g in zip(pred_ids, gold_ids, strict=True)]
+    return {
+        "sentences": len(gold_ids),
+        "token_f1": float(np.mean(f1)) if f1 else float("nan"),
+        "exact_match": float(np.mean(exact)) if exact else float("nan"),
+        "bleu": float(sacrebleu.corpus_bleu(list(pred_text), [list(gold_text)]).score),
+        "chrf": float(sacrebleu.corpus_chrf(list(pred_text), [list(gold_text)]).score),
+    }
