@@ -4,13 +4,16 @@
         [--deepspeed_config ds_configs/zero2.json] [key=value ...]
     python -m lang_jepa.decoder export RUN_DIR --out DIR [--tag TAG]
     python -m lang_jepa.decoder eval DECODER_DIR --shards DIR [--limit 500] [--out DIR]
+    python -m lang_jepa.decoder predict RUN_DIR --decoder DECODER_DIR --text "..." --hide 2
 
 ``train`` runs the repository's ``train.py`` with ``objective=decoder decoder.encoder=EXPORT``
 (the same config tree, DeepSpeed engine, checkpoints, exact resume, TensorBoard; several ranks:
 ``deepspeed train.py ... objective=decoder decoder.encoder=EXPORT``), then exports the newest
 checkpoint to ``RUN_DIR/export``. ``eval`` writes ``decoder_eval.json``, ``decoder_eval.md`` and
 ``decoder_examples.md`` (original, reconstruction, nearest training sentence) for held-out
-sentences of the shards' ``val`` split.
+sentences of the shards' ``val`` split. ``predict`` hides one sentence of a passage, predicts its
+concept with a JEPA run's predictor and prints the decoded prediction, the true sentence and the
+decoded copy-neighbour baseline.
 """
 
 from __future__ import annotations
@@ -134,6 +137,65 @@ def markdown(result: dict[str, Any]) -> tuple[str, str]:
     return table, "# Reconstructions\n\n" + "\n".join(rows) + "\n"
 
 
+def predict_hidden(run_dir: str | Path, decoder_dir: str | Path, text: str, hide: int,
+                   tag: str | None = None) -> dict[str, Any]:  # fmt: skip
+    """Hide sentence ``hide`` (1-based) of ``text``, predict its concept from the rest with the run's
+    predictor, and write three sentences: the decoded prediction, the true sentence and the
+    decoded copy-neighbour baseline (the embedding of the sentence before it, or after the first)."""
+    import torch
+
+    from ..data.masking import collate_rows, mask_indices
+    from ..data.windows import Window
+    from ..eval.loading import load_run
+
+    run = load_run(run_dir, tag)
+    if run.jepa is None:
+        raise DecoderError(
+            f"{run_dir}: objective {run.objective!r} has no predictor (a jepa run has)"
+        )
+    dec = Decoder.from_pretrained(decoder_dir, device="cpu")
+    ids, offsets = dec.encoder.tokenize_document(text)
+    n = len(offsets) - 1
+    if n < 2:
+        raise DecoderError(
+            f"--text has {n} sentence(s): at least 2 are needed (one hidden, one read)"
+        )
+    if not 1 <= hide <= n:
+        raise DecoderError(f"--hide {hide}: the text has {n} sentences (1..{n})")
+    if int(offsets[-1]) > run.cfg.model.seq_len:
+        raise DecoderError(
+            f"--text has {int(offsets[-1])} tokens, more than the run's window of {run.cfg.model.seq_len}"
+        )
+    s = hide - 1
+    window = Window("predict", 0, 0, ids, offsets)
+    batch = collate_rows(
+        [[(window, mask_indices(offsets, [[s]]))]], run.cfg.model.seq_len, packed=False
+    )
+    with torch.no_grad():
+        pred = run.jepa.predict(batch, *run.jepa.context_inputs(batch), batch["ctx_valid"])[0, 0]
+    sentence = [ids[offsets[i] : offsets[i + 1]].tolist() for i in range(n)]
+    neighbour = s - 1 if s > 0 else s + 1
+    concepts = torch.stack((pred.float(), torch.as_tensor(embed(dec, [sentence[neighbour]])[0])))
+    written = dec.generate(concepts)
+    return {
+        "hidden": hide,
+        "prediction": written[0],
+        "true": dec.decode([sentence[s]])[0],
+        "copy_neighbour": written[1],
+        "neighbour": neighbour + 1,
+        "run_step": run.step,
+    }
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    r = predict_hidden(args.run, args.decoder, args.text, args.hide, args.tag)
+    width = max(len("copy-neighbour"), 10)
+    print(f"{'prediction':<{width}}  {r['prediction']}")
+    print(f"{'true':<{width}}  {r['true']}")
+    print(f"{'copy-neighbour':<{width}}  {r['copy_neighbour']}   (sentence {r['neighbour']})")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = json.loads((Path(args.export) / "config.json").read_text()) if (
         Path(args.export) / "config.json").is_file() else None  # fmt: skip
@@ -201,6 +263,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--strategy", choices=("greedy", "top_p"), default="greedy")
     p.add_argument("--out", default=None, help="where the reports go (default: the decoder dir)")
     p.set_defaults(fn=cmd_eval)
+    p = sub.add_parser("predict", help="hide a sentence, predict its concept, write it")
+    p.add_argument("run", help="a jepa run directory (its predictor and context encoder)")
+    p.add_argument("--decoder", required=True, help="decoder export trained on that run's export")
+    p.add_argument("--text", required=True, help="a passage of at least 2 sentences")
+    p.add_argument("--hide", type=int, required=True, help="the sentence to hide, 1-based")
+    p.add_argument("--tag", default=None)
+    p.set_defaults(fn=cmd_predict)
     args, extra = parser.parse_known_args(argv)
     if extra and (args.command != "train" or any("=" not in e or e.startswith("-") for e in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
