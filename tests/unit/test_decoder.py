@@ -144,4 +144,4 @@ def test_bad_inputs_get_clear_errors(export_dir: Path, tiny_shards: Path, tmp_pa
     with pytest.raises(ConfigError, match=r"decoder\.encoder.*bare has no tokenizer/"):
         load_frozen_encoder(cfg, torch.device("cpu"))
     with pytest.raises(ConfigError, match="decoder.encoder"):
-        load_config("decoder", [f"data.shards={tiny_shards}"])
+        load_config("decoder", [f"data.shards={tiny_shards}", "objective=decoder"])
