@@ -8,7 +8,7 @@
 # How it launches (and why): one SLURM task per node, each running the DeepSpeed launcher
 # (`deepspeed --hostfile H --no_ssh --node_rank $SLURM_NODEID ...`), which starts G local ranks.
 # The hostfile is built from `scontrol show hostnames "$SLURM_JOB_NODELIST"` (`host slots=G`
-# lines); MASTER_ADDR is the first host and MASTER_PORT is derived from the job id. We chose the
+# lines; without scontrol, slurm/hostlist.py expands the list the same way); MASTER_ADDR is the first host and MASTER_PORT is derived from the job id. We chose the
 # launcher over one srun task per GPU because it is the command users already type for one node
 # (`deepspeed train.py ...`), it sets LOCAL_RANK/--local_rank and the accelerator's environment the
 # way DeepSpeed expects, and `--no_ssh` needs neither pdsh nor passwordless ssh between nodes. A
@@ -134,8 +134,12 @@ if [[ -z ${DEEPSPEED:-} ]]; then
 	[[ -x $DEEPSPEED ]] || DEEPSPEED=deepspeed
 fi
 
-mapfile -t HOSTS < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
-((${#HOSTS[@]} > 0)) || die "scontrol show hostnames '$SLURM_JOB_NODELIST' returned no host"
+if command -v scontrol >/dev/null 2>&1; then
+	mapfile -t HOSTS < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+else # no SLURM here (a --dry-run on a laptop): the same expansion, from the standard library
+	mapfile -t HOSTS < <("$PYTHON" "$ROOT/slurm/hostlist.py" "$SLURM_JOB_NODELIST")
+fi
+((${#HOSTS[@]} > 0)) || die "node list '$SLURM_JOB_NODELIST' expanded to no host"
 NODES=${NODES:-${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-${#HOSTS[@]}}}}
 ((NODES <= ${#HOSTS[@]})) || die "NODES=$NODES but the allocation has ${#HOSTS[@]} hosts"
 HOSTS=("${HOSTS[@]:0:NODES}")

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -94,6 +95,20 @@ def test_dry_run_prints_hostfile_and_launch_commands(tmp_path):
     assert node0 == [deepspeed, "--node_rank", "0", *launch, *train]
     assert node1 == [deepspeed, "--node_rank", "1", *launch, *train]
     assert (tmp_path / "scontrol.log").read_text() == "show hostnames node[01-02]\n"
+
+
+def test_dry_run_without_scontrol_expands_the_node_list_itself(tmp_path):
+    """No SLURM on the machine (a laptop): slurm/hostlist.py gives scontrol's expansion."""
+    env = _env(tmp_path, SLURM_JOB_ID="7", SLURM_JOB_NODELIST="rack[1-2]-n[08-09]",
+               SLURM_GPUS_ON_NODE="2", RUN_DIR=str(tmp_path / "run"))  # fmt: skip
+    (tmp_path / "bin" / "scontrol").unlink()
+    assert shutil.which("scontrol", path=env["PATH"]) is None
+    proc = subprocess.run(["bash", str(SCRIPT), "--dry-run"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    hosts = ["rack1-n08", "rack1-n09", "rack2-n08", "rack2-n09"]
+    assert "".join(f"{h} slots=2\n" for h in hosts) in proc.stdout
+    assert "MASTER_ADDR=rack1-n08" in proc.stdout
 
 
 def _one_node_env(
