@@ -31,9 +31,10 @@ import numpy as np
 
 from ..checkpoint import CheckpointError
 from ..data.reader import decode_sample, read_shard, split_shards
+from ..encoder_api import read_export_config
 from ..shards import ShardFormatError
 from .api import Decoder, DecoderError, export_decoder
-from .metrics import cosine_rows, reconstruction_scores
+from .metrics import cosine_rows, reconstruction_scores, token_f1
 
 TRAIN_PY = Path(__file__).resolve().parent.parent.parent / "train.py"
 log = logging.getLogger("lang_jepa.decoder")
@@ -104,9 +105,7 @@ def evaluate(decoder_dir: str | Path, shards: str | Path, limit: int = 500, spli
                 "original": gold_text[i],
                 "reconstruction": pred_text[i],
                 "nearest_train": nearest[k],
-                "token_f1": reconstruction_scores(
-                    [pred_ids[i]], [gold_ids[i]], [pred_text[i]], [gold_text[i]]
-                )["token_f1"],
+                "token_f1": token_f1(pred_ids[i], gold_ids[i]),
             }
             for k, i in enumerate(shown)
         ],  # fmt: skip
@@ -197,11 +196,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    cfg = json.loads((Path(args.export) / "config.json").read_text()) if (
-        Path(args.export) / "config.json").is_file() else None  # fmt: skip
-    if cfg is None:
-        print(f"error: {Path(args.export) / 'config.json'} not found: not an encoder export",
-              file=sys.stderr)  # fmt: skip
+    try:
+        cfg = read_export_config(args.export)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: not an encoder export: {err}", file=sys.stderr)
         return 2
     seq_len = int(cfg["model"]["seq_len"])
     cmd = [sys.executable, str(TRAIN_PY), "--deepspeed_config", args.deepspeed_config,

@@ -31,7 +31,7 @@ def reconstruction_scores(pred_ids: Sequence[Sequence[int]], gold_ids: Sequence[
     """Corpus-level scores of reconstructions against their originals (same order)."""
     import sacrebleu
 
-    if len(pred_ids) != len(gold_ids) or len(pred_text) != len(gold_text) != len(pred_ids):
+    if not len(pred_ids) == len(gold_ids) == len(pred_text) == len(gold_text):
         raise ValueError("reconstructions and originals differ in number")
     f1 = [token_f1(list(p), list(g)) for p, g in zip(pred_ids, gold_ids, strict=True)]
     exact = [list(p) == list(g) for p, g in zip(pred_ids, gold_ids, strict=True)]

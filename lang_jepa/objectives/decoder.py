@@ -111,7 +111,8 @@ class DecoderObjective:
             batch["input_ids"], batch["tgt_index"], batch["tgt_sent"], batch["tgt_valid"],
             min(self.cfg.decoder.max_tokens, self.encoder_seq_len),
         )  # fmt: skip
-        self.truncated += truncated
+        if split == "train":
+            self.truncated += truncated
         out = {"sent_ids": ids, "sent_lengths": lengths, "doc_index": batch["doc_index"]}
         out.update(teacher_forcing(ids, lengths, self.bos, self.eos))
         out["valid"] = out["dec_valid"]  # the tokens a step trains on (throughput, tokens seen)
@@ -143,7 +144,8 @@ class DecoderObjective:
         return None
 
     def monitor(self, outputs: Outputs) -> dict[str, Tensor | float]:
-        return {}
+        # training sentences cut to decoder.max_tokens by this process since it started
+        return {"data/decoder_truncated_sentences": float(self.truncated)}
 
     def evaluate(self, batches: Iterable[Batch]) -> dict[str, float]:
         return {}  # python -m lang_jepa.decoder eval scores reconstructions
