@@ -14,7 +14,7 @@ export TOKENIZERS_PARALLELISM ?= false
 # DeepSpeed's CPU ops (shm comm, CPU Adam) are compiled once per checkout and cached in its venv
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.venv/torch_extensions
 
-.PHONY: setup demo-data eval-data demo-shards demo test test-fast lint format clean-demo
+.PHONY: setup demo-data eval-data demo-shards demo-shards-8k demo test test-fast lint format clean-demo
 
 setup: $(STAMP)
 $(STAMP): requirements.txt pyproject.toml
@@ -37,6 +37,14 @@ demo-shards: demo-data $(DEMO_SHARDS)/manifest.json
 $(DEMO_SHARDS)/manifest.json:
 	$(PY) -m preprocessing.build_shards --input $(DEMO_RAW) --output $(DEMO_SHARDS) --workers 2 --shard-docs 16
 	$(PY) -m preprocessing.inspect $(DEMO_SHARDS) --docs 1
+
+# The demo corpus with an 8,192-piece WordPiece vocabulary learnt from its train split
+# (experiments/round3.yaml): a small corpus trains a small encoder better with a small vocabulary.
+demo-shards-8k: demo-data data/demo8k/shards/manifest.json
+data/demo8k/shards/manifest.json:
+	$(PY) -m preprocessing.train_tokenizer --input $(DEMO_RAW) --out data/demo8k/tokenizer --vocab-size 8192
+	$(PY) -m preprocessing.build_shards --input $(DEMO_RAW) --output data/demo8k/shards --workers 2 \
+	  --shard-docs 16 --tokenizer data/demo8k/tokenizer
 
 # The main job on the embedded demo: shards -> short DeepSpeed ZeRO-2 run of the small preset on
 # CPU -> TensorBoard logs and checkpoints in runs/demo (a second `make demo` resumes/finishes).
