@@ -49,7 +49,9 @@ def train_tokenizer(inputs: list[str], vocab_size: int, out: str | Path, val_fra
     from transformers import PreTrainedTokenizerFast
 
     if vocab_size < len(SPECIAL_TOKENS) + 100:
-        raise ValueError(f"--vocab-size {vocab_size}: too small (at least {len(SPECIAL_TOKENS) + 100})")
+        raise ValueError(
+            f"--vocab-size {vocab_size}: too small (at least {len(SPECIAL_TOKENS) + 100})"
+        )
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=True, clean_text=True,
                                                 handle_chinese_chars=True)  # fmt: skip
@@ -63,7 +65,8 @@ def train_tokenizer(inputs: list[str], vocab_size: int, out: str | Path, val_fra
         raise InputError(f"--input {inputs}: no train-split documents to learn a vocabulary from")
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
         special_tokens=[("[CLS]", cls), ("[SEP]", sep)],
     )
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
@@ -82,15 +85,21 @@ def train_tokenizer(inputs: list[str], vocab_size: int, out: str | Path, val_fra
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m preprocessing.train_tokenizer", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--input", nargs="+", required=True, help="files, directories or globs (as build_shards)")
+    p.add_argument(
+        "--input", nargs="+", required=True, help="files, directories or globs (as build_shards)"
+    )
     p.add_argument("--out", required=True, help="output tokenizer directory")
-    p.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size, special tokens included")
+    p.add_argument(
+        "--vocab-size", type=int, default=8192, help="vocabulary size, special tokens included"
+    )
     p.add_argument("--min-frequency", type=int, default=2, help="least count of a merged piece")
     p.add_argument("--val-fraction", type=float, default=0.02,
                    help="as build_shards: the val documents are left out")  # fmt: skip
     args = p.parse_args(argv)
     try:
-        record = train_tokenizer(args.input, args.vocab_size, args.out, args.val_fraction, args.min_frequency)
+        record = train_tokenizer(
+            args.input, args.vocab_size, args.out, args.val_fraction, args.min_frequency
+        )
     except (InputError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

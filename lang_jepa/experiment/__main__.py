@@ -1,9 +1,12 @@
 """``python -m lang_jepa.experiment experiments/NAME.yaml [--only VARIANT[,VARIANT]] [--seeds 0,1]
-[--dry-run] [--out runs/experiments]``
+[--dry-run] [--out runs/experiments] [--record DIR|none]``
 
 Trains, exports and evaluates every variant x seed of the experiment file that has no
 ``result.json`` yet (a killed one resumes from its checkpoint), then writes ``results.json``,
-``results.md`` and ``results.png`` into ``OUT/NAME/``. ``--dry-run`` checks the file, resolves
+``results.md`` and ``results.png`` into ``OUT/NAME/``. Each finished cell's ``result.json`` and the
+results are also copied into the record (``--record``, default ``results/NAME/`` beside the
+experiment file), which is small enough to commit: a cell recorded there is not re-run on a fresh
+checkout whose ``OUT`` is empty. ``--dry-run`` checks the file, resolves
 every variant's config and prints the steps and commands without running anything.
 """
 
@@ -37,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=_ints, default=None, help="comma-separated seeds")
     parser.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
     parser.add_argument("--out", default="runs/experiments", help="root of the experiment dirs")
+    parser.add_argument("--record", default="default",
+                        help="where finished cells' result.json and the results are copied, to be "
+                        "committed (default: results/NAME/ beside the file; 'none': nowhere)")  # fmt: skip
     parser.add_argument("--poll", type=float, default=30.0, help="seconds between progress lines")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
@@ -49,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
 
     only = [s for s in args.only.split(",") if s] if args.only else None
     try:
-        exp = load_experiment(args.file, args.out, args.seeds, only)
+        record = None if args.record == "none" else args.record
+        exp = load_experiment(args.file, args.out, args.seeds, only, record)
         print(plan(exp), flush=True)
         if args.dry_run:
             from .runner import check_data

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -85,8 +86,10 @@ def plan(exp: Experiment) -> str:
     lines = [f"experiment {exp.spec.name} ({exp.path}) -> {exp.out_dir}",
              f"budget {exp.spec.budget.tokens:,} token slots; seeds {exp.spec.seeds}; "
              f"{exp.spec.eval.points} evaluated points"]  # fmt: skip
+    if exp.record_dir is not None:
+        lines.insert(1, f"finished cells and results recorded in {exp.record_dir}")
     for cell in exp.cells:
-        done = " (done)" if (cell.run_dir / RESULT_FILE).is_file() else ""
+        done = f" ({state})" if (state := done_state(exp, cell)) else ""
         if not cell.variant.train:
             lines.append(f"  {cell.name}: no training; random-init export{done}")
             continue
@@ -120,17 +123,47 @@ def load_rt(exp: Experiment) -> tuple[list[str], Any] | None:
         return None
 
 
+def done_state(exp: Experiment, cell: Cell) -> str | None:
+    """``"done"`` (its run directory has a result), ``"recorded"`` (only the committed record
+    has one) or None."""
+    if (cell.run_dir / RESULT_FILE).is_file():
+        return "done"
+    rec = exp.recorded(cell)
+    return "recorded" if rec is not None and rec.is_file() else None
+
+
 def finished(exp: Experiment) -> list[dict[str, Any]]:
-    """Every finished cell of the experiment's variants under its directory whose settings are
-    the current ones (any seed), in variant order."""
-    out = []
+    """Every finished cell of the experiment's variants whose settings are the current ones (any
+    seed), in variant order: from its run directory, else from the committed record."""
+    out: dict[tuple[str, int], dict[str, Any]] = {}
     fingerprints = {c.variant.name: c.fingerprint(exp.spec) for c in exp.all_cells}
-    for name, fp in fingerprints.items():
-        for path in sorted(exp.out_dir.glob(f"{name}-s*/{RESULT_FILE}")):
+    sources = [exp.out_dir.glob(f"{name}-s*/{RESULT_FILE}") for name in fingerprints]
+    if exp.record_dir is not None:
+        sources.append((exp.record_dir / "cells").glob("*.json"))
+    for paths in sources:
+        for path in sorted(paths):
             r = json.loads(path.read_text())
-            if r.get("variant") == name and r.get("fingerprint") == fp:
-                out.append(r)
-    return out
+            if r.get("fingerprint") == fingerprints.get(r.get("variant")):
+                out.setdefault((r["variant"], r["seed"]), r)
+    order = list(fingerprints)
+    return [out[k] for k in sorted(out, key=lambda k: (order.index(k[0]), k[1]))]
+
+
+def record(exp: Experiment, cell: Cell) -> None:
+    """Copy a finished cell's ``result.json`` into the record (a file small enough to commit)."""
+    rec = exp.recorded(cell)
+    if rec is not None:
+        rec.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(cell.run_dir / RESULT_FILE, rec)
+
+
+def publish(exp: Experiment, rt: tuple[list[str], Any] | None) -> list[Path]:
+    """Write the aggregate into the experiment directory and, if kept, the record."""
+    cells, info = finished(exp), spec_info(exp, rt)
+    paths = write_results(cells, info, exp.out_dir)
+    if exp.record_dir is not None:
+        paths += write_results(cells, info, exp.record_dir)
+    return paths
 
 
 def spec_info(exp: Experiment, rt: tuple[list[str], Any] | None = None) -> dict[str, Any]:
@@ -147,20 +180,24 @@ def run_experiment(exp: Experiment, poll_s: float = 30.0) -> list[Path]:
     progress = Progress(exp.cells)
     for k, cell in enumerate(exp.cells):
         progress.begin(k)
-        result = cell.run_dir / RESULT_FILE
-        if result.is_file():
+        state = done_state(exp, cell)
+        if state is not None:
+            result = cell.run_dir / RESULT_FILE if state == "done" else exp.recorded(cell)
             r = json.loads(result.read_text())
             if r.get("fingerprint") != cell.fingerprint(exp.spec):
                 raise ExperimentError(
                     f"{exp.path}: {result} was made with other settings (command or eval); "
-                    f"delete {cell.run_dir} to re-run {cell.name}"
+                    f"delete it to re-run {cell.name}"
                 )
-            progress.line(f"{cell.name}: done, not re-run")
+            if state == "done":
+                record(exp, cell)
+            progress.line(f"{cell.name}: {state}, not re-run")
             continue
         progress.line(f"{cell.name}: starting")
         r = run_cell(cell, exp.spec, rt, progress, poll_s)
+        record(exp, cell)
         progress.finish(cell, cell.steps, r["train_seconds"])
         progress.line(f"{cell.name}: finished ({_hms(r['train_seconds'])} training, "
                       f"{_hms(r['eval_seconds'])} evaluation)", 0.0)  # fmt: skip
-        write_results(finished(exp), spec_info(exp, rt), exp.out_dir)
-    return write_results(finished(exp), spec_info(exp, rt), exp.out_dir)
+        publish(exp, rt)
+    return publish(exp, rt)

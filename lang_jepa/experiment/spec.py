@@ -123,6 +123,11 @@ class Experiment:
     out_dir: Path
     cells: list[Cell]  # the cells to run (``--only`` / ``--seeds``)
     all_cells: list[Cell]  # every variant x seed
+    record_dir: Path | None = None  # committed copies of finished cells' results (None: off)
+
+    def recorded(self, cell: Cell) -> Path | None:
+        """Where ``cell``'s committed result lives (``RECORD/cells/VARIANT-sSEED.json``)."""
+        return None if self.record_dir is None else self.record_dir / "cells" / f"{cell.name}.json"
 
 
 def _err(path: Path, key: str, msg: str) -> ExperimentError:
@@ -215,11 +220,22 @@ def steps_for_budget(cfg: Config, tokens: int, ranks: int, points: int) -> tuple
     return steps, slots, steps // points
 
 
+def default_record_dir(path: Path, name: str) -> Path:
+    """``results/NAME/`` beside the experiment file (``experiments/results/NAME/``)."""
+    return path.parent / "results" / name
+
+
 def load_experiment(path: str | Path, out_root: str | Path = "runs/experiments",
-                    seeds: list[int] | None = None, only: list[str] | None = None) -> Experiment:  # fmt: skip
-    """Read and check the experiment file and resolve every cell's training config."""
+                    seeds: list[int] | None = None, only: list[str] | None = None,
+                    record: str | Path | None = "default") -> Experiment:  # fmt: skip
+    """Read and check the experiment file and resolve every cell's training config.
+
+    ``record``: where finished cells' results and the aggregate are kept for the repository
+    (``"default"``: :func:`default_record_dir`; ``None``: nowhere)."""
     path = Path(path)
     spec = read_spec(path)
+    record_dir = None if record is None else (
+        default_record_dir(path, spec.name) if record == "default" else Path(record))  # fmt: skip
     if seeds:
         spec.seeds = list(seeds)
     variants = spec.variants
@@ -257,7 +273,8 @@ def load_experiment(path: str | Path, out_root: str | Path = "runs/experiments",
             overrides = mine + harness
             cells.append(Cell(variant, seed, load_config(spec.base.config, overrides), overrides,
                               steps, slots, every, run_dir))  # fmt: skip
-    return Experiment(path, spec, out_dir, [c for c in cells if c.variant.name in chosen], cells)
+    chosen_cells = [c for c in cells if c.variant.name in chosen]
+    return Experiment(path, spec, out_dir, chosen_cells, cells, record_dir)
 
 
 def model_config(cfg: Config) -> tuple[dict[str, Any], int]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -102,6 +103,21 @@ def test_experiment_end_to_end_then_nothing_reruns(
     assert printed.count("done, not re-run") == 2
     assert {p: p.stat().st_mtime_ns for p in root.glob("*/result.json")} == stamps
     assert (cell / "harness_train.log").read_text().count("train.py") == launches
+
+    # the record beside the experiment file (what a repository commits) survives losing runs/:
+    # a fresh checkout re-runs nothing and rebuilds the same table from it
+    record = tmp_path / "results" / "t"
+    assert sorted(p.name for p in (record / "cells").iterdir()) == [
+        "jepa-s3.json",
+        "random-s3.json",
+    ]
+    assert json.loads((record / "results.json").read_text())["variants"] == res["variants"]
+    shutil.rmtree(out)
+    assert main([str(exp_file), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("recorded, not re-run") == 2 and "starting" not in printed
+    assert not (out / "t" / "jepa-s3").exists()
+    assert json.loads((out / "t" / "results.json").read_text())["variants"] == res["variants"]
 
 
 def test_killed_variant_resumes_from_its_checkpoint(tmp_path: Path, tiny_shards: Path) -> None:
