@@ -7,6 +7,8 @@ torchrun --nproc_per_node 2 train.py ...   |   python train.py ...   (one proces
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 
 
@@ -33,7 +35,14 @@ def main(argv: list[str] | None = None) -> int:
     from lang_jepa.config import ConfigError, load_config
     from lang_jepa.runinfo import RunDirBusy
     from lang_jepa.shards import ShardFormatError
-    from lang_jepa.trainer import NonFiniteLoss, RepresentationCollapse, Trainer, run
+    from lang_jepa.trainer import (
+        EXIT_REQUEUE,
+        LostRanks,
+        NonFiniteLoss,
+        RepresentationCollapse,
+        Trainer,
+        run,
+    )
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -53,6 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     except RepresentationCollapse as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
+    except LostRanks as err:
+        # the process group is broken: leave now, without the interpreter's teardown of it
+        # (which can block on the lost peers)
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        logging.shutdown()
+        os._exit(EXIT_REQUEUE)
 
 
 if __name__ == "__main__":

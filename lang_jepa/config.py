@@ -141,6 +141,9 @@ class TrainConfig:
     max_skipped_steps: int = 100  # with nonfinite=skip, stop after this many skipped steps
     val_interval: int = 500  # 0 disables validation
     val_batches: int = 8  # per rank, the same on every rank
+    # the process group's timeout: a collective that waits this long for a lost rank fails, and
+    # the survivors exit 75 (requeue) naming the lost ranks and the last good checkpoint
+    collective_timeout_s: float = 600.0
 
 
 @dataclass

@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 from collections.abc import Iterable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -47,21 +48,49 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> tuple[int, int, int]:
+def init_distributed(timeout_s: float | None = None) -> tuple[int, int, int]:
     """Start torch.distributed through DeepSpeed; returns (rank, local_rank, world_size).
 
     Works under ``deepspeed``, ``torchrun`` and SLURM launchers, and as a plain ``python`` process:
     with no launcher variables a one-rank group on a free local port is set up (DeepSpeed would
-    otherwise try MPI discovery).
+    otherwise try MPI discovery). ``timeout_s``: the process group's collective timeout
+    (``train.collective_timeout_s``; None: DeepSpeed's default).
     """
     if "RANK" not in os.environ and "SLURM_PROCID" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+        kwargs = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
+        deepspeed.init_distributed(
+            dist_backend=get_accelerator().communication_backend_name(), **kwargs
+        )
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     get_accelerator().set_device(local_rank)
     return dist.get_rank(), local_rank, dist.get_world_size()
+
+
+def apply_collective_timeout(timeout_s: float) -> int:
+    """Give every process group ``timeout_s`` (``train.collective_timeout_s``); returns how many.
+
+    The world group gets it at :func:`init_distributed`, but DeepSpeed creates its data-parallel
+    groups later with ``new_group(ranks)``, i.e. torch's default timeout (30 minutes for gloo):
+    ZeRO's gradient all-reduce then waits that long for a rank behind a network partition.
+    Call after ``deepspeed.initialize``. (torch has no public setter for an existing group.)
+    """
+    c10d = dist.distributed_c10d
+    groups = [pg for pg in list(c10d._world.pg_map) if not c10d._rank_not_in_group(pg)]
+    for pg in groups:
+        c10d._set_pg_timeout(timedelta(seconds=timeout_s), pg)
+    return len(groups)
+
+
+def hostnames(world: int) -> list[str]:
+    """Every rank's host name, by rank (one all-gather at start-up; error messages name hosts)."""
+    names: list[str | None] = [None] * world
+    if world == 1:
+        return [socket.gethostname()]
+    dist.all_gather_object(names, socket.gethostname())
+    return [str(n) for n in names]
 
 
 def device(local_rank: int) -> torch.device:

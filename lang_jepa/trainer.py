@@ -12,7 +12,7 @@ import logging
 import random
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +21,23 @@ import torch
 
 from . import checkpoint, engine, schedules
 from .config import Config, ConfigError, resolve_batch, to_dict
-from .control import EXIT_REQUEUE, NonFiniteLoss, RepresentationCollapse, StepAgreement
+from .control import (
+    EXIT_REQUEUE,
+    LostRanks,
+    NonFiniteLoss,
+    RepresentationCollapse,
+    StepAgreement,
+    is_collective_failure,
+    lost_ranks_error,
+    write_requeue_record,
+)
 from .data import TrainLoader, ValLoader, build_train_loader, build_val_loader, check_tokenizer
 from .metrics import TrainMetrics
 from .objectives import Batch, Objective, Outputs, Phase, Runtime, build_objective, no_phase
 from .runinfo import RunDirLock, attach_log_file, run_info, setup_logging, supersede, write_run_dir
 from .shards import check_shard_files, load_manifest, manifest_hash
 
-__all__ = ["EXIT_REQUEUE", "NonFiniteLoss", "RepresentationCollapse", "Trainer", "run"]
+__all__ = ["EXIT_REQUEUE", "LostRanks", "NonFiniteLoss", "RepresentationCollapse", "Trainer", "run"]
 log = logging.getLogger("lang_jepa")
 
 
@@ -56,12 +65,13 @@ class Trainer:
     step: int = 0  # optimizer steps taken
     # names this run's chain of checkpoints (kept across resumes): pruning deletes only its own
     sequence: str = ""
+    hosts: list[str] = field(default_factory=list)  # every rank's host name, by rank
 
     @classmethod
     def build(cls, cfg: Config, ds_config_path: str, phase: Phase = no_phase) -> Trainer:
         """Distributed start, models, engine, loaders and run directory; resume if asked.
         ``phase`` wraps the named parts of each step (benchmarks time them)."""
-        rank, local_rank, world = engine.init_distributed()
+        rank, local_rank, world = engine.init_distributed(cfg.train.collective_timeout_s)
         run_dir = Path(cfg.train.run_dir)
         lock = RunDirLock(run_dir) if rank == 0 else None  # before anything is written there
         setup_logging(rank)  # held in memory: a refused start writes nothing into run_dir
@@ -86,6 +96,7 @@ class Trainer:
         objective = build_objective(cfg, cfg.model.vocab_size, rt)
         optimizer = engine.build_optimizer(engine.param_groups(objective.module), cfg, ds_config)
         eng = engine.initialize(objective.module, optimizer, ds_config)
+        engine.apply_collective_timeout(cfg.train.collective_timeout_s)  # DeepSpeed's groups too
         need_val = cfg.train.val_interval > 0 or cfg.eval.interval > 0
         trainer = cls(
             cfg=cfg,
@@ -106,6 +117,7 @@ class Trainer:
             manifest_sha256=manifest_hash(cfg.data.shards),
             lock=lock,
             sequence=uuid.uuid4().hex[:16],
+            hosts=engine.hostnames(world),
         )
         if where is not None:
             trainer.restore(*where)
@@ -298,7 +310,22 @@ def _vocab_size(cfg: Config) -> int:
 
 def run(trainer: Trainer) -> int:
     """Train to ``train.max_steps``. Returns 0, or :data:`EXIT_REQUEUE` after a stop signal
-    (a checkpoint of the agreed step has been written)."""
+    (a checkpoint of the agreed step has been written). A collective that fails because ranks
+    are gone raises :class:`LostRanks` once the survivors' census has named them."""
+    try:
+        return _loop(trainer)
+    except RuntimeError as err:
+        if trainer.world == 1 or isinstance(err, LostRanks) or not is_collective_failure(err):
+            raise
+        ckpt_dir = trainer.run_dir / "checkpoints"
+        last_good = checkpoint.latest_tag(ckpt_dir) or "none yet"
+        lost = lost_ranks_error(err, trainer.step, trainer.rank, trainer.world, trainer.hosts,
+                                trainer.cfg.train.collective_timeout_s, last_good)  # fmt: skip
+        write_requeue_record(trainer.run_dir, trainer.rank, trainer.step, str(lost), last_good)
+        raise lost from err
+
+
+def _loop(trainer: Trainer) -> int:
     t = trainer.cfg.train
     trainer.agreement.stop.install()
     batches = iter(trainer.loader)
@@ -313,6 +340,9 @@ def run(trainer: Trainer) -> int:
                     EXIT_REQUEUE,
                 )
                 trainer.save()
+                if trainer.rank == 0:
+                    tag = checkpoint.latest_tag(trainer.run_dir / "checkpoints") or "none"
+                    write_requeue_record(trainer.run_dir, 0, trainer.step, "stop signal", tag)
                 return EXIT_REQUEUE
             saved = t.save_interval > 0 and (
                 trainer.step % t.save_interval == 0 or trainer.step == t.max_steps

@@ -83,6 +83,12 @@ run_node() {
 	# "$@": the launcher command. Runs it in the background, forwards SIGUSR1 to the ranks, and
 	# returns the launcher's exit status.
 	local rc interrupted
+	# The launcher starts with SIGTERM ignored: SLURM sends SIGTERM to every process of a
+	# preempted step, and the DeepSpeed runner would die at once, ending this node's task while
+	# its ranks are still writing the checkpoint. (launch.py sets its own handler: it passes
+	# SIGTERM on to the ranks, waits for them and exits 1; the trainer's requeue record tells the
+	# batch script that exit 75 was meant.)
+	trap '' TERM
 	"$@" &
 	LAUNCHER_PID=$!
 	trap 'interrupted=1; forward_signal USR1' USR1
@@ -191,6 +197,11 @@ fi
 
 mkdir -p "$RUN_DIR/slurm"
 write_hostfile >"$HOSTFILE"
+# Written by the trainer when it exits 75 (checkpoint after a stop signal; ranks lost, `latest`
+# is the last good checkpoint): the exit status that reaches this script may say otherwise (a
+# launcher that got SIGTERM exits 1, a dead node's task reports its signal).
+REQUEUE_RECORD=$RUN_DIR/slurm/requeue-$SLURM_JOB_ID-${SLURM_RESTART_COUNT:-0}.json
+rm -f "$REQUEUE_RECORD"
 echo "pretrain.sh: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $NODES x $GPUS: ${HOSTS[*]}" \
 	"master $MASTER_ADDR:$MASTER_PORT run $RUN_DIR" >&2
 
@@ -202,6 +213,11 @@ else
 	run_node "$DEEPSPEED" --node_rank 0 "${LAUNCH[@]:1}" "${TRAIN_ARGS[@]}" || rc=$?
 fi
 
+if ((rc != 0 && rc != EX_TEMPFAIL)) && [[ -f $REQUEUE_RECORD ]]; then
+	echo "pretrain.sh: the job step exited with $rc, but the trainer stopped for a requeue:" \
+		"$(cat "$REQUEUE_RECORD")" >&2
+	rc=$EX_TEMPFAIL
+fi
 if ((rc == EX_TEMPFAIL)); then
 	if ((${SLURM_RESTART_COUNT:-0} >= MAX_REQUEUES)); then
 		die "checkpointed and stopped, but restart ${SLURM_RESTART_COUNT:-0} >= MAX_REQUEUES=$MAX_REQUEUES: not requeueing"
