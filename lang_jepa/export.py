@@ -1,6 +1,7 @@
 """Export a trained encoder from a run's checkpoint: consolidated fp32 safetensors + config + tokenizer.
 
     python -m lang_jepa.export RUN_DIR --out DIR [--tag TAG] [--which target|online] [--tokenizer PATH]
+                               [--format native|hf]
 
 ``RUN_DIR`` may be a run directory, its ``checkpoints/`` directory, or one ``checkpoints/<tag>/``.
 ``--which target`` (default) exports the EMA target encoder (the one I-JEPA evaluates), read from
@@ -15,6 +16,9 @@ encoder from DeepSpeed's fp32 master weights (:func:`lang_jepa.checkpoint.consol
                              "source": run, tag, step, ZeRO stage, world size, manifest hash,
                              "tokenizer", "pooling"}
     DIR/tokenizer/          the shards' tokenizer files (from <data.shards>/tokenizer)
+
+``--format hf`` writes the Hugging Face layout instead (:mod:`lang_jepa.hf`): ``AutoModel`` and
+``SentenceTransformer`` load it with ``trust_remote_code=True``, and it carries a model card.
 """
 
 from __future__ import annotations
@@ -150,15 +154,40 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="tokenizer directory to copy (default: <data.shards>/tokenizer); 'none' skips it",
     )
+    parser.add_argument(
+        "--format",
+        choices=("native", "hf"),
+        default="native",
+        help="native (lang_jepa.Encoder) or hf: a directory that transformers.AutoModel and "
+        "sentence_transformers.SentenceTransformer load (trust_remote_code=True), with a model card",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
-        out = export(args.run, args.out, args.tag, args.which, args.tokenizer)
-    except CheckpointError as err:
+        if args.format == "hf":
+            out = export_hf(args.run, args.out, args.tag, args.which, args.tokenizer)
+        else:
+            out = export(args.run, args.out, args.tag, args.which, args.tokenizer)
+    except (CheckpointError, ValueError) as err:  # HFExportError is a ValueError
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(out)
     return 0
+
+
+def export_hf(run: str | Path, out: str | Path, tag: str | None = None, which: str = "target",
+              tokenizer: str | None = None) -> Path:  # fmt: skip
+    """:func:`export`, then :func:`lang_jepa.hf.to_hf` into ``out``; the model card carries the
+    run's ``eval/eval.md`` when ``python -m lang_jepa.eval`` has written one."""
+    import tempfile
+
+    from .hf import to_hf
+
+    ckpt_dir, _ = checkpoint.locate(run, tag)
+    eval_md = ckpt_dir.parent / "eval" / "eval.md"
+    with tempfile.TemporaryDirectory(prefix="lang_jepa_export_") as tmp:
+        native = export(run, Path(tmp) / "native", tag, which, tokenizer)
+        return to_hf(native, out, eval_md.read_text() if eval_md.is_file() else None)
 
 
 if __name__ == "__main__":

@@ -258,3 +258,52 @@ def test_export_errors_name_the_path(runs, tmp_path, capsys):
         export(empty, tmp_path / "out")
     with pytest.raises(ExportError, match="no such checkpoint"):
         export(runs["zero2"], tmp_path / "out", tag="step99999999")
+
+
+HF_TEXTS = ["The committee approved the budget on Tuesday.", "Congress shall make no law.",
+            "We the people, in order to form a more perfect union, establish justice.", "Peace."]  # fmt: skip
+
+
+def test_hf_export_loads_in_transformers_and_sentence_transformers(runs, tmp_path, tiny_shards):
+    """The real libraries, offline, on CPU: the same embeddings as lang_jepa.Encoder (fp32 SDPA
+    with the same weights and ids: equal to a few ulps; asserted to 1e-5)."""
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModel, AutoTokenizer
+
+    from lang_jepa import Encoder
+
+    out = tmp_path / "hf"
+    assert export_main([str(runs["zero2"]), "--out", str(out), "--format", "hf"]) == 0
+    native = export(runs["zero2"], tmp_path / "native")
+    ref = Encoder.from_pretrained(native).encode(HF_TEXTS)
+
+    tok = AutoTokenizer.from_pretrained(out, trust_remote_code=True)
+    model = AutoModel.from_pretrained(out, trust_remote_code=True).eval()
+    assert type(model).__name__ == "LangJepaModel"
+    batch = tok(HF_TEXTS, padding=True, return_tensors="pt")
+    # the shards' ids: no [CLS]/[SEP] (preprocessing tokenizes sentences without them)
+    assert batch["input_ids"][0, 0].item() != tok.cls_token_id
+    with torch.no_grad():
+        feats = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    mask = batch["attention_mask"][..., None].float()
+    pooled = (feats.last_hidden_state * mask).sum(1) / mask.sum(1)
+    assert torch.allclose(pooled, ref, atol=1e-5), (pooled - ref).abs().max()
+
+    st = SentenceTransformer(str(out), trust_remote_code=True, device="cpu")
+    emb = st.encode(HF_TEXTS, convert_to_tensor=True).cpu()
+    assert emb.shape == ref.shape and torch.allclose(emb, ref, atol=1e-5), (emb - ref).abs().max()
+    assert st.max_seq_length == load_config("tiny", []).model.seq_len
+
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: sentence-transformers\n")
+    assert f"step {STEPS} of run" in card and "## Licence" in card and "## Evaluation" in card
+
+
+def test_hf_export_errors_name_the_export(runs, tmp_path, capsys):
+    from lang_jepa.hf import HFExportError, to_hf
+
+    bare = export(runs["zero2"], tmp_path / "bare", tokenizer="none")
+    with pytest.raises(HFExportError, match=r"bare: the export has no tokenizer"):
+        to_hf(bare, tmp_path / "hf")
+    with pytest.raises(HFExportError, match=r"nowhere: not a LANG-JEPA export"):
+        to_hf(tmp_path / "nowhere", tmp_path / "hf2")
