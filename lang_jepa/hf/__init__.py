@@ -150,6 +150,11 @@ def to_hf(native_dir: str | Path, out: str | Path, eval_md: str | None = None) -
         state = load_file(str(native_dir / "model.safetensors"))
     except (OSError, ValueError) as err:
         raise HFExportError(f"{native_dir}: not a LANG-JEPA export ({err})") from err
+    if native["model"].get("arch", "pre_ln") != "pre_ln":
+        raise HFExportError(
+            f"{native_dir}: model.arch={native['model']['arch']!r} (an encoder started from a BERT "
+            "checkpoint): --format hf writes the pre_ln architecture only"
+        )
     tok_dir = native_dir / "tokenizer"
     if not (tok_dir / "tokenizer.json").is_file():
         raise HFExportError(f"{native_dir}: the export has no tokenizer/tokenizer.json to ship")

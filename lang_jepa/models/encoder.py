@@ -17,7 +17,9 @@ if TYPE_CHECKING:  # type only: the model code does not read configs
 
 # The encoder's architecture, as ``ModelConfig`` fields (what an export's config.json records)
 ENCODER_FIELDS = ("seq_len", "dim", "depth", "heads", "mlp_ratio", "pos", "rope_theta", "norm_eps",
-                  "dropout", "init_std")  # fmt: skip
+                  "dropout", "init_std", "arch", "max_positions")  # fmt: skip
+# fields added after the first export format, with the value every earlier export implies
+ENCODER_DEFAULTS = {"arch": "pre_ln", "max_positions": 0}
 
 
 def pool_by_slot(x: Tensor, slot: Tensor, valid: Tensor, n_slots: int) -> Tensor:
@@ -76,15 +78,26 @@ class TextEncoder(_Checkpointable):
         norm_eps: float = 1e-6,
         dropout: float = 0.0,
         init_std: float = 0.02,
+        arch: str = "pre_ln",
     ) -> None:
         super().__init__()
         if pos not in ("rope", "learned"):
             raise ValueError(f"pos must be 'rope' or 'learned', got {pos!r}")
+        if arch not in ("pre_ln", "bert"):
+            raise ValueError(f"arch must be 'pre_ln' or 'bert', got {arch!r}")
+        if arch == "bert" and pos != "learned":
+            raise ValueError("arch 'bert' has learned absolute positions: set pos=learned")
         self.dim, self.depth, self.heads, self.mlp_ratio = dim, depth, heads, mlp_ratio
-        self.pos, self.rope_theta, self.max_len = pos, rope_theta, max_len
+        self.pos, self.rope_theta, self.max_len, self.arch = pos, rope_theta, max_len, arch
         self.tok_emb = nn.Embedding(vocab_size, dim)
         self.pos_emb = nn.Embedding(max_len, dim) if pos == "learned" else None
-        self.stack = BlockStack(dim, depth, heads, mlp_ratio, norm_eps, dropout)
+        # BERT: the token-type embedding (type 0 throughout: one segment) and the embedding norm
+        self.type_emb = nn.Embedding(2, dim) if arch == "bert" else None
+        self.emb_norm = nn.LayerNorm(dim, eps=norm_eps) if arch == "bert" else None
+        self.stack = BlockStack(
+            dim, depth, heads, mlp_ratio, norm_eps, dropout, post_ln=arch == "bert"
+        )
+        self.emb_drop = nn.Dropout(dropout) if arch == "bert" else None
         init_weights(self, init_std)
         _rescale_residual_projections(self.stack)
 
@@ -117,6 +130,9 @@ class TextEncoder(_Checkpointable):
 
     def _embed(self, input_ids: Tensor, position_ids: Tensor) -> tuple[Tensor, Any]:
         x = self.tok_emb(input_ids)
+        if self.type_emb is not None:  # BERT: LayerNorm(token + position + type 0)
+            x = x + self.pos_emb(position_ids) + self.type_emb.weight[0]
+            return self.emb_drop(self.emb_norm(x)), None
         if self.pos_emb is not None:
             return x + self.pos_emb(position_ids), None
         return x, rope_cos_sin(position_ids, self.dim // self.heads, self.rope_theta)
@@ -126,7 +142,7 @@ def encoder_config(model_cfg: ModelConfig | Mapping[str, Any], vocab_size: int) 
     """The encoder's architecture: :data:`ENCODER_FIELDS` of ``model_cfg`` (a ``ModelConfig``, a
     resolved config's ``model`` dict or an export's ``config.json`` ``model`` section) and
     ``vocab_size``. The export's ``model`` section is this dict."""
-    fields = _fields(model_cfg)
+    fields = {**ENCODER_DEFAULTS, **_fields(model_cfg)}
     missing = [k for k in ENCODER_FIELDS if k not in fields]
     if missing:
         raise ValueError(f"model config lacks the encoder field(s) {', '.join(missing)}")
@@ -142,8 +158,8 @@ def build_encoder(model_cfg: ModelConfig | Mapping[str, Any], vocab_size: int) -
     c = encoder_config(model_cfg, vocab_size)
     encoder = TextEncoder(
         c["vocab_size"], c["dim"], c["depth"], c["heads"], mlp_ratio=c["mlp_ratio"],
-        max_len=c["seq_len"], pos=c["pos"], rope_theta=c["rope_theta"], norm_eps=c["norm_eps"],
-        dropout=c["dropout"], init_std=c["init_std"],
+        max_len=c["max_positions"] or c["seq_len"], pos=c["pos"], rope_theta=c["rope_theta"],
+        norm_eps=c["norm_eps"], dropout=c["dropout"], init_std=c["init_std"], arch=c["arch"],
     )  # fmt: skip
     encoder.activation_checkpointing = bool(_fields(model_cfg).get("activation_checkpointing"))
     return encoder

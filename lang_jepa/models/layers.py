@@ -128,44 +128,61 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, dim: int, hidden: int, dropout: float = 0.0) -> None:
+    """``fc2(gelu(fc1(x)))``: tanh-approximated GELU, or the exact (erf) one BERT uses."""
+
+    def __init__(
+        self, dim: int, hidden: int, dropout: float = 0.0, exact_gelu: bool = False
+    ) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
         self.drop = nn.Dropout(dropout)
+        self.approximate = "none" if exact_gelu else "tanh"
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.drop(self.fc2(F.gelu(self.fc1(x), approximate="tanh")))
+        return self.drop(self.fc2(F.gelu(self.fc1(x), approximate=self.approximate)))
 
 
 class Block(nn.Module):
-    """Pre-LN transformer block: ``x + attn(ln(x))``, then ``x + mlp(ln(x))``."""
+    """Pre-LN transformer block: ``x + attn(ln(x))``, then ``x + mlp(ln(x))``; or post-LN
+    (``post_ln``, BERT): ``ln(x + attn(x))``, then ``ln(x + mlp(x))``."""
 
-    def __init__(
-        self, dim: int, heads: int, mlp_ratio: float, eps: float, dropout: float = 0.0
-    ) -> None:
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, eps: float, dropout: float = 0.0,
+                 post_ln: bool = False) -> None:  # fmt: skip
         super().__init__()
+        self.post_ln = post_ln
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, heads, dropout)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
-        self.mlp = MLP(dim, int(dim * mlp_ratio), dropout)
+        self.mlp = MLP(dim, int(dim * mlp_ratio), dropout, exact_gelu=post_ln)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Mask) -> Tensor:
-        x = x + self.attn(self.norm1(x), rope, mask)
-        return x + self.mlp(self.norm2(x))
+        return self.parts(x, rope, mask)[0]
+
+    def parts(
+        self, x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Mask
+    ) -> tuple[Tensor, Tensor]:
+        """(block output, FFN output before the residual)."""
+        if self.post_ln:
+            h = self.norm1(x + self.attn(x, rope, mask))
+            ffn = self.mlp(h)
+            return self.norm2(h + ffn), ffn
+        h = x + self.attn(self.norm1(x), rope, mask)
+        ffn = self.mlp(self.norm2(h))
+        return h + ffn, ffn
 
 
 class BlockStack(nn.Module):
-    """``depth`` blocks and a final LayerNorm, each block optionally recomputed in backward."""
+    """``depth`` blocks and a final LayerNorm (none after post-LN blocks, whose outputs are
+    normed already), each block optionally recomputed in backward."""
 
-    def __init__(
-        self, dim: int, depth: int, heads: int, mlp_ratio: float, eps: float, dropout: float = 0.0
-    ) -> None:
+    def __init__(self, dim: int, depth: int, heads: int, mlp_ratio: float, eps: float,
+                 dropout: float = 0.0, post_ln: bool = False) -> None:  # fmt: skip
         super().__init__()
         self.blocks = nn.ModuleList(
-            Block(dim, heads, mlp_ratio, eps, dropout) for _ in range(depth)
+            Block(dim, heads, mlp_ratio, eps, dropout, post_ln) for _ in range(depth)
         )
-        self.norm = nn.LayerNorm(dim, eps=eps)
+        self.norm = nn.Identity() if post_ln else nn.LayerNorm(dim, eps=eps)
         self.activation_checkpointing = False
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Mask) -> Tensor:
@@ -187,9 +204,7 @@ class BlockStack(nn.Module):
             if i < first:
                 x = block(x, rope, mask)
                 continue
-            h = x + block.attn(block.norm1(x), rope, mask)
-            ffn = block.mlp(block.norm2(h))
-            x = h + ffn
+            x, ffn = block.parts(x, rope, mask)
             out.append(ffn if tensor == "ffn" else x)
         return out
 

@@ -25,6 +25,7 @@ from ..ema import EmaSync, ema_update
 from ..metrics import stream_flops
 from ..models import Predictor, TextEncoder, build_encoder, pool_by_slot
 from ..models.layers import compile_blocks
+from ..pretrained import load_pretrained
 from .base import (
     Batch,
     Outputs,
@@ -105,6 +106,8 @@ def build_models(cfg: Config, vocab_size: int) -> tuple[JEPA, TextEncoder]:
     """(trainable JEPA, fp32 target encoder initialised as an exact copy of the context encoder)."""
     m, p = cfg.model, cfg.predictor
     encoder = build_encoder(m, vocab_size)  # activation checkpointing as the config says
+    if m.init_from:  # a BERT-family checkpoint's weights (the architecture was taken from it)
+        load_pretrained(encoder, m.init_from)
     predictor = Predictor(
         m.dim, p.dim, p.depth, p.heads, p.mlp_ratio, m.seq_len, m.pos, m.rope_theta, m.norm_eps,
         m.init_std,
