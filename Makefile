@@ -59,7 +59,7 @@ demo: demo-shards eval-data
 
 # Everything: tests/unit (in-process, minutes) and tests/integration (real engine, launchers).
 test: demo-data eval-data
-	$(PY) -m pytest -q tests/unit tests/integration
+	$(PY) -m pytest -q --durations=25 tests/unit tests/integration
 
 # The unit tests only: no process is started (see tests/conftest.py).
 test-fast: demo-data eval-data
