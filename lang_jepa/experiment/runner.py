@@ -91,7 +91,8 @@ def plan(exp: Experiment) -> str:
     for cell in exp.cells:
         done = f" ({state})" if (state := done_state(exp, cell)) else ""
         if not cell.variant.train:
-            lines.append(f"  {cell.name}: no training; random-init export{done}")
+            init = "model.init_from weights" if cell.variant.init == "pretrained" else "random-init"
+            lines.append(f"  {cell.name}: no training; {init} export{done}")
             continue
         lines.append(f"  {cell.name}: {cell.steps} steps x {cell.slots_per_step:,} token slots = "
                      f"{cell.steps * cell.slots_per_step:,}; points at {cell.point_steps}{done}")  # fmt: skip

@@ -44,6 +44,9 @@ class BaseSpec:
 class VariantSpec:
     name: str = ""  # the run directory is VARIANT-sSEED: letters, digits, '-', '_'
     train: bool = True  # false: no training; the export is a freshly initialised encoder
+    # with train: false, the untrained encoder's weights: random (seeded) | pretrained (the
+    # model.init_from checkpoint as it is: the "before" of continued pretraining)
+    init: str = "random"
     overrides: dict[str, Any] = field(default_factory=dict)
 
 
@@ -112,7 +115,9 @@ class Cell:
         own = [o for o in self.overrides if not o.startswith(("train.run_dir=", "train.seed="))]
         blob = json.dumps({"overrides": own, "config": spec.base.config,
                            "train": self.variant.train, "eval": OmegaConf.to_container(
-                               OmegaConf.structured(spec.eval))}, sort_keys=True)  # fmt: skip
+                               OmegaConf.structured(spec.eval)),
+                           **({} if self.variant.init == "random" else {"init": self.variant.init})},
+                          sort_keys=True)  # fmt: skip
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -188,6 +193,9 @@ def _check_spec(path: Path, spec: ExperimentSpec) -> None:
             raise _err(path, f"variants[{i}].name", f"{v.name!r} appears twice")
         for o in flatten(v.overrides):
             _check_override(path, f"variants[{i}].overrides", o)
+        if v.init not in ("random", "pretrained") or (v.init == "pretrained" and v.train):
+            raise _err(path, f"variants[{i}].init",
+                       f"{v.init!r}: random | pretrained (pretrained: with train: false)")  # fmt: skip
     for o in flatten(spec.base.overrides):
         _check_override(path, "base.overrides", o)
     if any(v.train for v in spec.variants) and spec.budget.tokens <= 0:
@@ -281,5 +289,11 @@ def model_config(cfg: Config) -> tuple[dict[str, Any], int]:
     """(the ``model`` section as a dict, vocabulary size) with ``model.vocab_size: 0`` resolved
     from the shards' manifest, as the trainer resolves it."""
     model = to_dict(cfg)["model"]
+    if model.get("init_from"):  # the architecture is the checkpoint's, as the trainer takes it
+        from lang_jepa.pretrained import bert_architecture, resolve_path
+
+        model["init_from"] = resolve_path(model["init_from"])
+        model.update(bert_architecture(model["init_from"]))
+        return model, int(model["vocab_size"])
     vocab = cfg.model.vocab_size or int(load_manifest(cfg.data.shards)["tokenizer"]["vocab_size"])
     return model, vocab

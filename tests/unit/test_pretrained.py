@@ -74,3 +74,28 @@ def test_a_checkpoint_that_is_not_bert_is_refused(tmp_path: Path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(PretrainedError, match=r"cannot read model.safetensors"):
         load_pretrained(_encoder(), tmp_path)
+
+
+def test_the_untrained_pretrained_export_is_the_checkpoint(tmp_path: Path):
+    """The experiment harness's ``init: pretrained`` variant (the "before" of continued
+    pretraining): the export holds the checkpoint's weights and embeds like BertModel + mean."""
+    from safetensors.torch import load_file
+
+    from lang_jepa import Encoder
+    from lang_jepa.export import export_random_init
+    from lang_jepa.pretrained import bert_state
+
+    arch = bert_architecture(MINILM)
+    cfg = {"seq_len": 128, "rope_theta": 1e4, "dropout": 0.0, "init_std": 0.02, **arch}
+    out = export_random_init(cfg, arch["vocab_size"], MINILM, tmp_path / "before", 0, str(MINILM))
+    saved, expected = load_file(str(out / "model.safetensors")), bert_state(MINILM, 6)
+    assert saved.keys() == expected.keys() and all(
+        torch.equal(saved[k], expected[k]) for k in saved
+    )
+    enc = Encoder.from_pretrained(out, device="cpu")
+    ids = enc.tokenizer.encode("The committee approved the budget.", add_special_tokens=False).ids
+    ref = BertModel.from_pretrained(str(MINILM)).eval()
+    with torch.no_grad():
+        feats = ref(input_ids=torch.tensor([ids])).last_hidden_state.mean(1)
+    emb = enc.encode("The committee approved the budget.")
+    assert torch.allclose(emb, feats, atol=1e-5)
