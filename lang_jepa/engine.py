@@ -86,9 +86,9 @@ def apply_collective_timeout(timeout_s: float) -> int:
 
 def hostnames(world: int) -> list[str]:
     """Every rank's host name, by rank (one all-gather at start-up; error messages name hosts)."""
-    names: list[str | None] = [None] * world
     if world == 1:
         return [socket.gethostname()]
+    names: list[str | None] = [None] * world
     dist.all_gather_object(names, socket.gethostname())
     return [str(n) for n in names]
 

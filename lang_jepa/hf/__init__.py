@@ -69,11 +69,11 @@ def _tokenizer(src: Path, out: Path, seq_len: int) -> None:
     fast.save_pretrained(str(out))
 
 
-def model_card(native: dict[str, Any], hf: dict[str, Any], eval_md: str | None) -> str:
-    """``README.md`` in the Hub's format: YAML metadata, then what the model is and how it did."""
+def model_card(native: dict[str, Any], params: int, eval_md: str | None) -> str:
+    """``README.md`` in the Hub's format: YAML metadata, then what the model is and how it did;
+    ``params``: the encoder's parameter count."""
     src = native.get("source", {})
     m = native["model"]
-    params = m["vocab_size"] * m["dim"] + m["depth"] * (12 * m["dim"] ** 2)
     lines = [
         "---",
         "library_name: sentence-transformers",
@@ -180,5 +180,6 @@ def to_hf(native_dir: str | Path, out: str | Path, eval_md: str | None = None) -
         "pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": False,
         "pooling_mode_mean_sqrt_len_tokens": False,
     }, indent=2) + "\n")  # fmt: skip
-    (out / "README.md").write_text(model_card(native, args, eval_md))
+    params = sum(v.numel() for v in state.values())
+    (out / "README.md").write_text(model_card(native, params, eval_md))
     return out
