@@ -97,6 +97,13 @@ class TargetConfig:
     layers: int = 1  # block | ffn: the average of the top-K blocks (final: must be 1)
     norm: str = "layer"  # each layer before averaging: layer (no affine) | instance | none
     level: str = "sentence"  # sentence: each target sentence's mean | token: every target token
+    # window: the target encoder reads the whole window (I-JEPA) | sentence: each sentence of the
+    # window alone (block-diagonal attention per sentence), as the export embeds a sentence
+    view: str = "window"
+    # ema: the EMA target encoder under no-grad (I-JEPA, data2vec) | online: the trainable encoder
+    # itself, gradient through the targets, no stop-gradient (LeJEPA; pair with loss.reg=sigreg,
+    # loss.reg_on=targets, or loss.type=infonce, which keep it from collapsing)
+    source: str = "ema"
 
 
 @dataclass
@@ -108,7 +115,9 @@ class LossConfig:
     infonce_weight: float = 0.0
     temperature: float = 0.1
     reg: str = "none"  # none | vicreg | sigreg
-    reg_on: str = "predictions"  # predictions | context (the context encoder's token features)
+    # predictions | context (the context encoder's token features) | targets (the target-sentence
+    # embeddings: the encoder's own pooled embeddings under target.source=online)
+    reg_on: str = "predictions"
     reg_weight: float = 0.0
     vicreg_cov_weight: float = 0.04  # covariance / variance weight inside the vicreg term
     sigreg_slices: int = 64  # random 1-D projections per SIGReg evaluation (LeJEPA: ~1024)
@@ -340,9 +349,9 @@ def validate(cfg: Config) -> None:
     )
     _check(cfg.loss.reg in ("none", "vicreg", "sigreg"), "loss.reg", f"{cfg.loss.reg!r} unknown")
     _check(
-        cfg.loss.reg_on in ("predictions", "context"),
+        cfg.loss.reg_on in ("predictions", "context", "targets"),
         "loss.reg_on",
-        f"{cfg.loss.reg_on!r} is not predictions | context",
+        f"{cfg.loss.reg_on!r} is not predictions | context | targets",
     )
     tg = cfg.target
     _check(
@@ -356,6 +365,18 @@ def validate(cfg: Config) -> None:
         f"{tg.norm!r} is not layer | instance | none",
     )
     _check(tg.level in ("sentence", "token"), "target.level", f"{tg.level!r} not sentence | token")
+    _check(tg.view in ("window", "sentence"), "target.view", f"{tg.view!r} not window | sentence")
+    _check(tg.source in ("ema", "online"), "target.source", f"{tg.source!r} is not ema | online")
+    _check(
+        cfg.loss.reg_on != "targets" or cfg.loss.reg == "none" or tg.source == "online",
+        "loss.reg_on",
+        "targets: the EMA targets carry no gradient; regularise them with target.source=online",
+    )
+    _check(
+        tg.source == "ema" or cfg.objective == "jepa",
+        "target.source",
+        f"online targets are built for objective=jepa, not {cfg.objective!r}",
+    )
     _check(tg.layers <= m.depth, "target.layers", f"{tg.layers} > model.depth ({m.depth})")
     _check(
         tg.tensor != "final" or tg.layers == 1,

@@ -223,6 +223,9 @@ def collate_arrays(
     (int32 cu_seqlens over the flattened stream, see :class:`lang_jepa.models.layers.Segments`)
     and ``max_{stream}`` (int); plus ``pred_order`` [B, Nc + Nt] (index into the concatenation
     of context and mask tokens) and ``pred_tgt`` [B, Nt] (where each mask token lands).
+
+    Always: ``cu_sent`` / ``max_sent``, the same for the ``sent`` stream (B x L, each sentence of
+    each window its own segment): the target encoder's sentence view.
     """
     b = len(rows)
     win_lens = [[w.n_tokens for w, _ in row] for row in rows]
@@ -269,6 +272,9 @@ def collate_arrays(
         "tgt_sent_valid": np.arange(n_sents.max())[None, :] < n_sents[:, None],
         "doc_index": doc_index,
     }
+    # each sentence of each window a segment of the full stream (``target.view=sentence``)
+    sent_lens = [[int(n) for w, _ in row for n in np.diff(w.offsets)] for row in rows]
+    batch["cu_sent"], batch["max_sent"] = _segment_bounds(sent_lens, row_len)
     if packed:
         pred_lens = [
             [k + j for k, j in zip(a, c, strict=True)]

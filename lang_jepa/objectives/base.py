@@ -122,10 +122,11 @@ def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
 
 def batch_segments(batch: Batch, stream: str) -> Segments | None:
     """The :class:`Segments` of a packed batch's ``full``, ``ctx`` or ``pred`` token stream, or
-    None for a batch of one window per row."""
+    None for a batch of one window per row; ``sent``: every sentence of the window alone."""
     if f"cu_{stream}" not in batch:
         return None
-    shape = {"full": "input_ids", "ctx": "ctx_index", "pred": "pred_order"}[stream]
+    shape = {"full": "input_ids", "ctx": "ctx_index", "pred": "pred_order", "sent": "input_ids"}
+    shape = shape[stream]
     return Segments(batch[f"cu_{stream}"], batch[f"max_{stream}"], batch[shape].numel())
 
 

@@ -52,6 +52,10 @@ class JEPA(nn.Module):
         self.predictor = predictor
         self.level = level  # sentence: [B, S, D] predictions; token: [B, Nt, D]
         self.return_context = False  # forward also returns the context features (loss.reg_on)
+        # target.source=online: forward also runs this encoder over the window for the targets
+        # (with gradient) and returns (predictions, context features or None, window features)
+        self.online_target: TargetConfig | None = None
+        self.target_view = "window"  # target.view, for the FLOP count
 
     @staticmethod
     def context_inputs(batch: Batch, key: str = "input_ids") -> tuple[Tensor, Tensor]:
@@ -68,10 +72,13 @@ class JEPA(nn.Module):
         ids, pos = self.context_inputs(batch, key)
         return self.encoder(ids, pos, batch["ctx_valid"], batch_segments(batch, "ctx"))
 
-    def forward(self, batch: Batch) -> Tensor | tuple[Tensor, Tensor]:
+    def forward(self, batch: Batch) -> Tensor | tuple[Tensor, ...]:
         ids, pos = self.context_inputs(batch)
         ctx = self.encoder(ids, pos, batch["ctx_valid"], batch_segments(batch, "ctx"))
         preds = self.predict_from(batch, ctx, pos, batch["ctx_valid"], self.level == "sentence")
+        if self.online_target is not None:
+            feats = window_features(self.encoder, batch, None, self.online_target)
+            return preds, (ctx if self.return_context else None), feats
         return (preds, ctx) if self.return_context else preds
 
     def predict(self, batch: Batch, ctx_ids: Tensor, ctx_pos: Tensor, ctx_valid: Tensor) -> Tensor:
@@ -120,7 +127,11 @@ def build_models(cfg: Config, vocab_size: int) -> tuple[JEPA, TextEncoder]:
     if m.compile:
         for stack in (encoder.stack, predictor.stack, target.stack):
             compile_blocks(stack)
-    return JEPA(encoder, predictor, cfg.target.level), target
+    model = JEPA(encoder, predictor, cfg.target.level)
+    model.target_view = cfg.target.view
+    if cfg.target.source == "online":
+        model.online_target = cfg.target
+    return model, target
 
 
 @torch.no_grad()
@@ -130,22 +141,41 @@ def target_features(
     autocast: torch.dtype | None,
     tcfg: TargetConfig | None = None,
 ) -> Tensor:
-    """The target encoder's per-token targets of the full window [B, L, D], fp32, no grad.
+    """The target encoder's per-token targets of the full window [B, L, D], fp32, no grad (see
+    :func:`window_features`)."""
+    return window_features(target_encoder, batch, autocast, tcfg)
 
-    ``target.tensor=final`` (the default; ``tcfg`` None): the encoder's output. ``block`` /
-    ``ffn``: the top ``target.layers`` blocks' outputs, or their FFN outputs before the residual,
-    each normalised (``target.norm``: layer norm without affine per token, instance norm per
-    channel over the row's valid tokens, or none) and then averaged (data2vec)."""
+
+def window_features(
+    encoder: TextEncoder,
+    batch: Batch,
+    autocast: torch.dtype | None,
+    tcfg: TargetConfig | None = None,
+) -> Tensor:
+    """Per-token targets of the full window [B, L, D], fp32, with gradient if ``encoder`` has it
+    (``target.source=online``).
+
+    ``target.view=window`` (the default; ``tcfg`` None): every token attends to the window;
+    ``sentence``: to its own sentence only (the ``sent`` segments), as when a sentence is embedded
+    alone. ``target.tensor=final`` (the default): the encoder's output. ``block`` / ``ffn``: the
+    top ``target.layers`` blocks' outputs, or their FFN outputs before the residual, each
+    normalised (``target.norm``: layer norm without affine per token, instance norm per channel
+    over the row's valid tokens, or none) and then averaged (data2vec)."""
+    stream = "full"
+    if tcfg is not None and tcfg.view == "sentence":
+        if "cu_sent" not in batch:
+            raise KeyError("target.view=sentence needs the batch's sentence segments (cu_sent)")
+        stream = "sent"
     args = (
         batch["input_ids"],
         batch["position_ids"],
         batch["valid"],
-        batch_segments(batch, "full"),
+        batch_segments(batch, stream),
     )
     with autocast_context(batch["input_ids"].device, autocast):
         if tcfg is None or tcfg.tensor == "final":
-            return target_encoder(*args).float()
-        layers = target_encoder.top_layers(*args, tcfg.layers, tcfg.tensor)
+            return encoder(*args).float()
+        layers = encoder.top_layers(*args, tcfg.layers, tcfg.tensor)
     normed = [normalise(x.float(), tcfg.norm, batch["valid"]) for x in layers]
     return torch.stack(normed).mean(0)
 
@@ -274,6 +304,8 @@ def jepa_loss(
             z = pred[valid]
         elif context is not None:
             z = context[0].float()[context[1]]
+        elif cfg.reg_on == "targets":  # with gradient under target.source=online
+            z = target[valid]
         if z is not None and cfg.reg == "vicreg":
             reg = vicreg_term(z, cfg.vicreg_cov_weight)
         elif z is not None:
@@ -318,11 +350,14 @@ def step_flops(model: JEPA, batch: Batch, recompute: bool) -> tuple[Tensor, Tens
     n_ctx = batch["ctx_valid"].sum(1).float()
     n_tgt = batch["tgt_valid"].sum(1).float()
     enc_ctx = stream_flops(enc, batch, "ctx", n_ctx)
-    enc_win = stream_flops(enc, batch, "full", n_win)
+    enc_win = stream_flops(enc, batch, "sent" if model.target_view == "sentence" else "full", n_win)
     pred_core = stream_flops(pred, batch, "pred", n_ctx + n_tgt)
     n_out = n_tgt.sum() if model.level == "token" else batch["tgt_sent_valid"].sum()
     pred_io = 2.0 * enc.dim * pred.dim * (n_ctx.sum() + n_out)
     forward_trainable = enc_ctx + pred_core + pred_io
+    if model.online_target is not None:  # the target forward is trained too
+        forward_trainable = forward_trainable + enc_win
+        enc_win = enc_win * 0.0
     model_flops = 3.0 * forward_trainable + enc_win
     hardware_flops = model_flops + forward_trainable if recompute else model_flops
     return model_flops, hardware_flops  # 0-d tensors on the batch's device (no host sync)
@@ -373,9 +408,14 @@ class JEPAObjective:
         return move_batch(batch, self.rt.device)
 
     def targets(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
-        """(loss targets [B, X, D] with their validity [B, X], sentence targets [B, S, D]): X is
-        the target sentences (``target.level=sentence``) or the target tokens (``token``)."""
+        """(loss targets [B, X, D] with their validity [B, X], sentence targets [B, S, D]) from
+        the EMA target encoder: see :meth:`targets_from`."""
         feats = target_features(self.target, batch, self.rt.autocast, self.cfg.target)
+        return self.targets_from(feats, batch)
+
+    def targets_from(self, feats: Tensor, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+        """The targets of window features [B, L, D]: X is the target sentences
+        (``target.level=sentence``) or the target tokens (``token``)."""
         sentences = pooled_targets(feats, batch)
         if self.cfg.target.level == "token":
             return token_targets(feats, batch), batch["tgt_valid"], sentences
@@ -383,11 +423,17 @@ class JEPAObjective:
 
     def loss(self, eng: Any, batch: Batch) -> tuple[Tensor, Outputs]:
         phase = self.rt.phase
-        with phase("targets"):  # 1. targets: EMA encoder on the full window, no grad
-            targets, valid, sentences = self.targets(batch)
+        online = self.module.online_target is not None
+        if not online:
+            with phase("targets"):  # 1. targets: EMA encoder on the full window, no grad
+                targets, valid, sentences = self.targets(batch)
         with phase("forward"):  # 2. context encoder on context tokens only + predictor
-            out = eng(batch)
-        preds, ctx = out if self.module.return_context else (out, None)
+            out = eng(batch)  # (target.source=online: + the window through the same encoder)
+        if online:
+            preds, ctx, feats = out
+            targets, valid, sentences = self.targets_from(feats, batch)
+        else:
+            preds, ctx = out if self.module.return_context else (out, None)
         with phase("loss"):  # 3. loss in embedding space
             context = None if ctx is None else (ctx, batch["ctx_valid"])
             loss, parts = jepa_loss(preds, targets, valid, self.cfg.loss, context)
@@ -400,7 +446,7 @@ class JEPAObjective:
             preds = pool_by_slot(
                 preds, batch["tgt_sent"], batch["tgt_valid"], batch["tgt_sent_valid"].shape[1]
             )
-        return Outputs(preds, sentences, batch["tgt_sent_valid"], parts)
+        return Outputs(preds, sentences.detach(), batch["tgt_sent_valid"], parts)
 
     def flops(self, batch: Batch) -> tuple[Tensor, Tensor]:
         return step_flops(self.module, batch, self.cfg.model.activation_checkpointing)

@@ -223,8 +223,14 @@ def test_lever_settings_are_checked(tiny_shards):
     for bad, key in [("target.tensor=middle", "target.tensor"), ("target.layers=9", "target.layers"),
                      ("target.norm=batch", "target.norm"), ("target.level=word", "target.level"),
                      ("loss.type=hinge", "loss.type"), ("loss.temperature=0", "loss.temperature"),
-                     ("loss.reg_on=targets", "loss.reg_on"), ("objective=jepa+vae", "objective")]:  # fmt: skip
+                     ("loss.reg_on=tokens", "loss.reg_on"), ("objective=jepa+vae", "objective"),
+                     ("target.view=page", "target.view"), ("target.source=teacher", "target.source")]:  # fmt: skip
         with pytest.raises(ConfigError, match=f"'{key}'"):
             load_config("tiny", [*base, bad])
+    # SIGReg on EMA targets would regularise nothing (they carry no gradient)
+    with pytest.raises(ConfigError, match="'loss.reg_on'.*no gradient"):
+        load_config("tiny", [*base, "loss.reg=sigreg", "loss.reg_weight=0.02", "loss.reg_on=targets"])
+    with pytest.raises(ConfigError, match="'target.source'.*jepa\\+mlm"):
+        load_config("tiny", [*base, "target.source=online", "objective=jepa+mlm"])
     with pytest.raises(ConfigError, match="target.tensor=final is one tensor"):
         load_config("tiny", [*base, "target.layers=2"])
