@@ -125,3 +125,19 @@ def test_global_batch_sets_accumulation_for_every_consumer(tmp_path, tiny_shards
     assert r["global_steps"] == 12 and r["global_samples"] == 12 * 8  # DeepSpeed's own counters
     assert r["ema_updates"] == list(range(12)) and len(r["momenta"]) == 12  # once per update
     assert_same(r["target"], ema_lerp_recurrence(r))  # one lerp per optimizer step, no more
+
+
+def test_online_targets_train_under_zero3_on_two_ranks(tmp_path, tiny_shards):
+    """target.source=online runs the encoder twice in one forward (context, then the window for
+    the targets); ZeRO-3 gathers its partitioned weights for both and the gradient of both paths
+    reaches them. With EMA momentum 0 the exported target is the online encoder itself."""
+    results = run_worker(
+        tmp_path, tiny_shards, 3, 2, "target.source=online", "target.view=sentence",
+        "loss.type=infonce", "loss.reg=sigreg", "loss.reg_on=targets", "loss.reg_weight=0.02",
+        "optim.ema_start=0.0", "optim.ema_end=0.0",
+    )  # fmt: skip
+    losses = results[0]["losses"]
+    assert all(torch.isfinite(torch.tensor(losses))) and sum(losses[-4:]) < sum(losses[:4]), losses
+    for r in results:
+        assert_same(r["target"], r["online"][-1])
+    assert_same(results[0]["online"][-1], results[1]["online"][-1])

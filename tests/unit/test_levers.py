@@ -234,3 +234,64 @@ def test_lever_settings_are_checked(tiny_shards):
         load_config("tiny", [*base, "target.source=online", "objective=jepa+mlm"])
     with pytest.raises(ConfigError, match="target.tensor=final is one tensor"):
         load_config("tiny", [*base, "target.layers=2"])
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_the_sentence_view_reads_each_sentence_alone(tiny_shards, packing):
+    cfg, _, target, batch, _ = setup_batch(
+        tiny_shards, "target.view=sentence", f"data.packing={packing}"
+    )
+    feats = target_features(target, batch, None, cfg.target)
+    window = target_features(target, batch, None, None)
+    cu = batch["cu_sent"].long()
+    length = batch["input_ids"].shape[1]
+    a, b = int(cu[1]), int(cu[2])  # the first window's second sentence (row 0)
+    assert b <= length and b - a > 1
+    ids, pos = batch["input_ids"][:1, a:b], batch["position_ids"][:1, a:b]
+    with torch.no_grad():  # the sentence encoded on its own, at its positions in the window
+        alone = target(ids, pos, torch.ones_like(ids, dtype=torch.bool))
+    torch.testing.assert_close(feats[0, a:b], alone[0], atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(window[0, a:b], alone[0], atol=1e-3)  # the window view sees more
+    # a change in another sentence leaves this one's features unchanged (window view: it moves)
+    changed = dict(batch, input_ids=batch["input_ids"].clone())
+    changed["input_ids"][0, b] = (changed["input_ids"][0, b] + 1) % target.tok_emb.num_embeddings
+    torch.testing.assert_close(target_features(target, changed, None, cfg.target)[0, a:b],
+                               feats[0, a:b], atol=1e-6, rtol=0)  # fmt: skip
+    assert not torch.allclose(target_features(target, changed, None, None)[0, a:b], window[0, a:b])
+    # every valid token lies in exactly one sentence segment of its own window
+    assert int(cu[-1]) == batch["input_ids"].numel()
+    del batch["cu_sent"]
+    with pytest.raises(KeyError, match="cu_sent"):
+        target_features(target, batch, None, cfg.target)
+
+
+def test_online_targets_carry_the_gradient_and_sigreg_acts_on_them(tiny_shards):
+    cfg, _, _, batch, vocab = setup_batch(
+        tiny_shards, "target.source=online", "target.view=sentence", "loss.type=l2",
+        "loss.reg=sigreg", "loss.reg_on=targets", "loss.reg_weight=1.0", "loss.sigreg_slices=256",
+        "optim.ema_start=0.0", "optim.ema_end=0.0",
+    )  # fmt: skip
+    objective = build_objective(cfg, vocab, CPU)
+    model = objective.module
+    preds, ctx, feats = model(batch)  # the trainable encoder over the window, in the forward
+    assert ctx is None and feats.requires_grad
+    # at the start the EMA copy is the online encoder: the same targets, without gradient
+    ema = target_features(objective.target, batch, None, cfg.target)
+    torch.testing.assert_close(feats.detach(), ema, atol=1e-6, rtol=0)
+    torch.manual_seed(1)
+    loss, outputs = objective.loss(model, batch)  # the module stands in for the engine's call
+    sentences = pooled_targets(feats, batch)
+    valid = batch["tgt_sent_valid"]
+    from lang_jepa.objectives.jepa import sigreg_term
+
+    torch.manual_seed(1)
+    want_reg = sigreg_term(sentences[valid], n_dirs=256)
+    assert float(outputs.parts["reg"]) == pytest.approx(float(want_reg), rel=1e-5)
+    want = (preds - sentences).pow(2).mean(-1)[valid].mean() + want_reg
+    assert float(loss) == pytest.approx(float(want), rel=1e-5)
+    assert not outputs.targets.requires_grad  # the monitors get detached targets
+    # SIGReg on the targets reaches the encoder and nothing else
+    model.zero_grad()
+    sigreg_term(sentences[valid], n_dirs=256).backward()
+    assert model.encoder.tok_emb.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.predictor.parameters())
