@@ -229,7 +229,9 @@ def test_lever_settings_are_checked(tiny_shards):
             load_config("tiny", [*base, bad])
     # SIGReg on EMA targets would regularise nothing (they carry no gradient)
     with pytest.raises(ConfigError, match="'loss.reg_on'.*no gradient"):
-        load_config("tiny", [*base, "loss.reg=sigreg", "loss.reg_weight=0.02", "loss.reg_on=targets"])
+        load_config(
+            "tiny", [*base, "loss.reg=sigreg", "loss.reg_weight=0.02", "loss.reg_on=targets"]
+        )
     with pytest.raises(ConfigError, match="'target.source'.*jepa\\+mlm"):
         load_config("tiny", [*base, "target.source=online", "objective=jepa+mlm"])
     with pytest.raises(ConfigError, match="target.tensor=final is one tensor"):
