@@ -180,6 +180,9 @@ class EvalConfig:
     collapse_min_pred_std: float = 0.01  # alarm: mean per-dimension std of predictions below this
     collapse_patience: int = 3  # consecutive logging checks under a threshold before the alarm
     collapse_stop: bool = False  # stop the run (exit 3) when the alarm trips
+    # checks up to this step do not count (-1: until the learning-rate warmup ends): a freshly
+    # initialised predictor outputs near-constant predictions (std ~0.005) before it has learnt
+    collapse_after_step: int = -1
 
 
 @dataclass
@@ -383,6 +386,7 @@ def validate(cfg: Config) -> None:
         "target.layers",
         "target.tensor=final is one tensor: use block or ffn to average the top K",
     )
+    _check(cfg.eval.collapse_after_step >= -1, "eval.collapse_after_step", "must be >= -1")
     _check(len(o.betas) == 2, "optim.betas", "needs two values")
     _check(all(0 <= b < 1 for b in o.betas), "optim.betas", f"{o.betas} not in [0, 1)")
     _check(

@@ -276,7 +276,13 @@ class TrainMetrics:
 
     def watch_collapse(self, step: int, scalars: dict[str, float | None]) -> bool:
         """Feed the collapse alarm; a trip on any rank is agreed by all (one all-reduce). Sets
-        ``repr/collapse_alarm`` and returns True on the step the alarm trips."""
+        ``repr/collapse_alarm`` and returns True on the step the alarm trips. Checks up to
+        ``eval.collapse_after_step`` (-1: the end of the warmup) do not count (the same on every
+        rank: the step is global)."""
+        after = self.cfg.eval.collapse_after_step
+        if step <= (self.cfg.optim.warmup_steps if after < 0 else after):
+            scalars["repr/collapse_alarm"] = 0.0
+            return False
         tripped = self.alarm.check(
             scalars["repr/effective_rank"],
             scalars["repr/target_std"],
