@@ -110,14 +110,19 @@ class Cell:
         return list(range(self.save_interval, self.steps + 1, self.save_interval))
 
     def fingerprint(self, spec: ExperimentSpec) -> str:
-        """What a variant's results depend on, the same for each seed: its training command (less
-        the run directory and seed) and the evaluation settings."""
-        own = [o for o in self.overrides if not o.startswith(("train.run_dir=", "train.seed="))]
-        blob = json.dumps({"overrides": own, "config": spec.base.config,
+        """What a variant's results depend on, the same for each seed: its resolved training
+        config (every key, defaults included, less the run directory and the seed), the base
+        config's name, whether and from what it trains, and the evaluation settings. A default
+        that changes (in the code or in a preset) changes the fingerprint of every cell that
+        relied on it, so a recorded result is never taken for a setting it was not made with."""
+        resolved = to_dict(self.cfg)
+        for key in ("run_dir", "seed"):
+            resolved["train"].pop(key, None)
+        blob = json.dumps({"config": resolved, "base": spec.base.config,
                            "train": self.variant.train, "eval": OmegaConf.to_container(
                                OmegaConf.structured(spec.eval)),
                            **({} if self.variant.init == "random" else {"init": self.variant.init})},
-                          sort_keys=True)  # fmt: skip
+                          sort_keys=True, default=str)  # fmt: skip
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

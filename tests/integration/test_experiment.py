@@ -208,3 +208,28 @@ def test_whitening_recovers_what_a_dominant_nuisance_direction_hides() -> None:
     assert spectrum_ratio(z[:, :9]) > 100 and spectrum_ratio(white) < 3
     few = fit_postprocess(z[:20], "whitened")(z[:20])  # N < D stays finite (shrinkage)
     assert torch.isfinite(few).all()
+
+
+def test_a_changed_default_changes_the_fingerprint(tmp_path: Path, tiny_shards: Path) -> None:
+    """The fingerprint is taken over the resolved config: a default that moves (here the loss
+    type in the preset file) changes the cells that relied on it, pinning the old value in the
+    experiment file keeps them, and the seed and run directory never matter."""
+    preset = tmp_path / "preset.yaml"
+    tiny = (REPO / "lang_jepa" / "configs" / "tiny.yaml").read_text()
+    preset.write_text(tiny)
+    variants = "  - {name: a}\n  - {name: b, overrides: {loss.type: smooth_l1}}"
+    exp_file = write_experiment(tmp_path / "t.yaml", tiny_shards, variants, tokens=5000)
+    exp_file.write_text(exp_file.read_text().replace("config: tiny", f"config: {preset}"))
+
+    def prints(**kw: object) -> dict[str, str]:
+        exp = load_experiment(exp_file, **kw)
+        return {c.name: c.fingerprint(exp.spec) for c in exp.all_cells}
+
+    before = prints()
+    assert before["a-s3"] == before["b-s3"]  # smooth_l1 is the default: the same settings
+    assert prints(seeds=[4], out_root=tmp_path / "elsewhere") == {
+        k.replace("-s3", "-s4"): v for k, v in before.items()
+    }
+    preset.write_text(tiny + "loss: {type: l2}\n")  # the default moves
+    after = prints()
+    assert after["a-s3"] != before["a-s3"] and after["b-s3"] == before["b-s3"]
