@@ -375,11 +375,6 @@ def validate(cfg: Config) -> None:
         "loss.reg_on",
         "targets: the EMA targets carry no gradient; regularise them with target.source=online",
     )
-    _check(
-        tg.source == "ema" or cfg.objective == "jepa",
-        "target.source",
-        f"online targets are built for objective=jepa, not {cfg.objective!r}",
-    )
     _check(tg.layers <= m.depth, "target.layers", f"{tg.layers} > model.depth ({m.depth})")
     _check(
         tg.tensor != "final" or tg.layers == 1,

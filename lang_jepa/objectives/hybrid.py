@@ -18,16 +18,18 @@ from torch import Tensor, nn
 from ..config import Config
 from ..data.windows import stable_hash63
 from .base import Batch, Outputs, Runtime, batch_segments, move_batch, parameter_count
-from .jepa import JEPA, JEPAObjective, jepa_loss, step_flops
+from .jepa import JEPA, JEPAObjective, jepa_loss, step_flops, window_features
 from .mlm import mask_token_id, mlm_loss, mlm_mask
 
 
 class JEPAMLM(JEPA):
     """Context encoder + predictor + MLM head. forward(batch) -> (predictions, logits [B, K, V]
-    at the corrupted context tokens[, context features])."""
+    at the corrupted context tokens[, context features]); with online targets (predictions,
+    logits, context features or None, window features of the clean window)."""
 
     def __init__(self, jepa: JEPA, vocab_size: int, norm_eps: float = 1e-6) -> None:
         super().__init__(jepa.encoder, jepa.predictor, jepa.level)
+        self.online_target, self.target_view = jepa.online_target, jepa.target_view
         dim = jepa.encoder.dim
         self.head_norm = nn.LayerNorm(dim, eps=norm_eps)
         self.head = nn.Linear(dim, vocab_size)
@@ -40,6 +42,9 @@ class JEPAMLM(JEPA):
         preds = self.predict_from(batch, ctx, pos, batch["ctx_valid"], self.level == "sentence")
         index = batch["mlm_ctx_index"][..., None].expand(-1, -1, ctx.shape[-1])
         logits = self.head(self.head_norm(ctx.gather(1, index)))
+        if self.online_target is not None:  # the targets read the clean window
+            feats = window_features(self.encoder, batch, None, self.online_target)
+            return preds, logits, (ctx if self.return_context else None), feats
         return (preds, logits, ctx) if self.return_context else (preds, logits)
 
 
@@ -87,11 +92,15 @@ class JEPAMLMObjective(JEPAObjective):
 
     def loss(self, eng: Any, batch: Batch) -> tuple[Tensor, Outputs]:
         phase = self.rt.phase
-        with phase("targets"):
-            targets, valid, sentences = self.targets(batch)
+        online = self.module.online_target is not None
+        if not online:
+            with phase("targets"):
+                targets, valid, sentences = self.targets(batch)
         with phase("forward"):
             out = eng(batch)
         preds, logits = out[0], out[1]
+        if online:
+            targets, valid, sentences = self.targets_from(out[3], batch)
         with phase("loss"):
             context = (out[2], batch["ctx_valid"]) if self.module.return_context else None
             latent, parts = jepa_loss(preds, targets, valid, self.cfg.loss, context)
