@@ -31,6 +31,7 @@ from lang_jepa.eval.suite import encoder_tasks
 from lang_jepa.eval.tasks import EncoderEmbedder
 from lang_jepa.export import export, export_random_init
 from lang_jepa.report import read_jsonl
+from lang_jepa.runinfo import git_revision
 
 from .spec import Cell, ExperimentSpec, model_config
 
@@ -222,6 +223,18 @@ def token_counts(run_dir: Path, world: int) -> Callable[[int], tuple[float, floa
     return at
 
 
+def measured(cell: Cell) -> dict[str, Any]:
+    """Where and when the cell's figures were made: the date, the machine (CPU model and the
+    flags that decide the precision), and the commit it trained at (its run_info.json) or, for an
+    untrained variant, the commit that evaluated it."""
+    from .results import machine
+
+    info = cell.run_dir / "run_info.json"
+    commit = json.loads(info.read_text()).get("git_revision") if info.is_file() else None
+    return {"date": time.strftime("%Y-%m-%d"), "machine": machine(),
+            "commit": commit or git_revision()}  # fmt: skip
+
+
 def _timing(cell: Cell) -> dict[str, float]:
     path = cell.run_dir / "harness_timing.json"
     return json.loads(path.read_text()) if path.is_file() else {"train_s": 0.0, "eval_s": 0.0}
@@ -262,6 +275,7 @@ def run_cell(cell: Cell, spec: ExperimentSpec, rt: tuple[list[str], Any] | None,
         "token_slots_seen": points[-1]["token_slots"], "flops": points[-1]["flops"],
         "train_seconds": timing["train_s"], "eval_seconds": timing["eval_s"],
         "overrides": cell.overrides, "fingerprint": cell.fingerprint(spec), "points": points,
+        "measured": measured(cell),
     }  # fmt: skip
     (cell.run_dir / RESULT_FILE).write_text(json.dumps(result, indent=2, default=float) + "\n")
     return result

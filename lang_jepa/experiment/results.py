@@ -173,16 +173,33 @@ def margins(agg: dict[str, Any]) -> list[str]:
     return lines
 
 
+def describe_machine(m: dict[str, Any]) -> str:
+    """``CPU, N cores, AVX2 yes, AVX-512-BF16 yes, AMX no[, GPU ...]; torch X``."""
+    flag = {True: "yes", False: "no", None: "?"}
+    return (f"{m['cpu']}, {m['cores']} cores, AVX2 {flag[m.get('avx2')]}, "
+            f"AVX-512-BF16 {flag[m.get('avx512_bf16')]}, AMX {flag[m.get('amx_bf16')]}"
+            + (f", GPU {m['gpu']}" if m.get("gpu") else "") + f"; torch {m['torch']}")  # fmt: skip
+
+
+def provenance(cells: list[dict[str, Any]]) -> list[str]:
+    """One line per (date, machine, commit) the cells were measured on, naming the cells."""
+    groups: dict[str, list[str]] = {}
+    for c in cells:
+        m = c.get("measured")
+        key = ("not recorded in the cell" if m is None else
+               f"{m['date']} on {describe_machine(m['machine'])}; commit {m['commit'][:12]}")  # fmt: skip
+        groups.setdefault(key, []).append(f"{c['variant']}-s{c['seed']}")
+    return [f"- {key}: {', '.join(names)}" for key, names in groups.items()]
+
+
 def markdown(agg: dict[str, Any]) -> str:
     """``results.md``: the summary table, the margins, every metric, and the curves."""
-    e, m, v = agg["experiment"], agg["machine"], agg["variants"]
-    cpu = (f"{m['cpu']}, {m['cores']} cores, AVX2 {'yes' if m['avx2'] else 'no'}, "
-           f"AVX-512-BF16 {'yes' if m['avx512_bf16'] else 'no'}"
-           + (f", GPU {m['gpu']}" if m["gpu"] else ""))  # fmt: skip
+    e, v = agg["experiment"], agg["variants"]
     lines = [f"# Experiment `{e['name']}`", "",
-             f"`{e['file']}`; measured {agg['date']} on {cpu}; torch {m['torch']}; commit "
-             f"{agg['git_revision']}. Budget {_num(e['budget_tokens'])} token slots per trained "
-             f"variant. Numbers: {agg['spread']}.", ""]  # fmt: skip
+             f"`{e['file']}`; tabulated {agg['date']} at commit {agg['git_revision']}. Budget "
+             f"{_num(e['budget_tokens'])} token slots per trained variant. Numbers: "
+             f"{agg['spread']}. The cells were measured:", "",
+             *provenance(agg.get("cells", [])), ""]  # fmt: skip
     if e.get("notes"):
         lines += [e["notes"].strip(), ""]
     head = ["variant", "seeds", "steps", "tokens seen", "FLOPs", "train s / seed"]

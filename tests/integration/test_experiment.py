@@ -63,7 +63,15 @@ def test_experiment_end_to_end_then_nothing_reruns(
     assert main([str(exp_file), "--out", str(out), "--poll", "1"]) == 0
     root = out / "t"
     res = json.loads((root / "results.json").read_text())
-    assert (root / "results.md").read_text().startswith("# Experiment `t`")
+    md = (root / "results.md").read_text()
+    assert md.startswith("# Experiment `t`")
+    # every cell says when, on what machine and at which commit it was measured
+    from lang_jepa.runinfo import git_revision
+
+    for cell_result in res["cells"]:
+        m = cell_result["measured"]
+        assert m["commit"] == git_revision() and m["machine"]["cpu"] and m["date"]
+    assert f"commit {git_revision()[:12]}: random-s3, jepa-s3" in md
     assert (root / "results.png").stat().st_size > 10_000
 
     jepa, rand = res["variants"]["jepa"], res["variants"]["random"]
