@@ -342,7 +342,9 @@ def step_flops(model: JEPA, batch: Batch, recompute: bool) -> tuple[Tensor, Tens
     """(model FLOPs, hardware FLOPs) of one micro-batch, counting valid tokens only.
 
     Model FLOPs: context encoder + predictor forward and backward (3x forward) plus the target
-    encoder's forward over the full window; attention over each window's actual length. Hardware
+    encoder's forward over the full window (with ``target.source=online``, its forward and
+    backward); attention over each window's actual length (each sentence's with
+    ``target.view=sentence``). Hardware
     FLOPs add the recomputed forward of activation checkpointing.
     """
     enc, pred = model.encoder, model.predictor
@@ -355,10 +357,10 @@ def step_flops(model: JEPA, batch: Batch, recompute: bool) -> tuple[Tensor, Tens
     n_out = n_tgt.sum() if model.level == "token" else batch["tgt_sent_valid"].sum()
     pred_io = 2.0 * enc.dim * pred.dim * (n_ctx.sum() + n_out)
     forward_trainable = enc_ctx + pred_core + pred_io
-    if model.online_target is not None:  # the target forward is trained too
-        forward_trainable = forward_trainable + enc_win
-        enc_win = enc_win * 0.0
-    model_flops = 3.0 * forward_trainable + enc_win
+    target_forward = enc_win  # the EMA encoder: forward only
+    if model.online_target is not None:  # online targets: forward and backward, like the rest
+        forward_trainable, target_forward = forward_trainable + enc_win, 0.0
+    model_flops = 3.0 * forward_trainable + target_forward
     hardware_flops = model_flops + forward_trainable if recompute else model_flops
     return model_flops, hardware_flops  # 0-d tensors on the batch's device (no host sync)
 

@@ -305,3 +305,21 @@ def test_online_targets_carry_the_gradient_and_sigreg_acts_on_them(tiny_shards):
     sigreg_term(sentences[valid], n_dirs=256).backward()
     assert model.encoder.tok_emb.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in model.predictor.parameters())
+
+
+def test_flops_count_the_online_target_backward_and_the_sentence_attention(tiny_shards):
+    from lang_jepa.metrics import stream_flops
+    from lang_jepa.objectives.jepa import step_flops
+
+    cfg, model, _, batch, _ = setup_batch(tiny_shards)
+    n_win = batch["valid"].sum(1).float()
+    window = stream_flops(model.encoder, batch, "full", n_win)
+    sentences = stream_flops(model.encoder, batch, "sent", n_win)
+    assert float(sentences) < float(window)  # the same matmuls, attention within sentences
+    ema, _ = step_flops(model, batch, recompute=False)
+    model.online_target = cfg.target  # the target forward is trained: 3x instead of 1x
+    online, _ = step_flops(model, batch, recompute=False)
+    assert float(online - ema) == pytest.approx(2 * float(window), rel=1e-6)
+    model.online_target, model.target_view = None, "sentence"
+    sentence_view, _ = step_flops(model, batch, recompute=False)
+    assert float(ema - sentence_view) == pytest.approx(float(window - sentences), rel=1e-6)
