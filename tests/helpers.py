@@ -40,6 +40,25 @@ def cpu_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def wait_for_run_dir_release(run_dir: Path, timeout: float = 60.0) -> None:
+    """Block until no process holds ``run_dir``'s training lock. A SIGKILLed rank keeps the lock
+    until the kernel has finished tearing it down, which can be after its launcher was reaped; a
+    test that restarts at once must wait for that, as a requeued job does."""
+    import time
+
+    from lang_jepa.runinfo import RunDirBusy, RunDirLock
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            RunDirLock(run_dir).release()
+            return
+        except RunDirBusy:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
 # --- preprocessing: shards read back -----------------------------------------------------------
 
 

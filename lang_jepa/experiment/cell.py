@@ -33,6 +33,7 @@ from lang_jepa.export import export, export_random_init
 from lang_jepa.report import read_jsonl
 from lang_jepa.runinfo import git_revision
 
+from .results import machine
 from .spec import Cell, ExperimentSpec, model_config
 
 log = logging.getLogger("lang_jepa.experiment")
@@ -227,8 +228,6 @@ def measured(cell: Cell) -> dict[str, Any]:
     """Where and when the cell's figures were made: the date, the machine (CPU model and the
     flags that decide the precision), and the commit it trained at (its run_info.json) or, for an
     untrained variant, the commit that evaluated it."""
-    from .results import machine
-
     info = cell.run_dir / "run_info.json"
     commit = json.loads(info.read_text()).get("git_revision") if info.is_file() else None
     return {"date": time.strftime("%Y-%m-%d"), "machine": machine(),

@@ -120,13 +120,16 @@ def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
     return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
 
 
+# the batch tensor whose B x N tokens each segment stream covers
+STREAM_SHAPE = {"full": "input_ids", "ctx": "ctx_index", "pred": "pred_order", "sent": "input_ids"}
+
+
 def batch_segments(batch: Batch, stream: str) -> Segments | None:
     """The :class:`Segments` of a packed batch's ``full``, ``ctx`` or ``pred`` token stream, or
     None for a batch of one window per row; ``sent``: every sentence of the window alone."""
     if f"cu_{stream}" not in batch:
         return None
-    shape = {"full": "input_ids", "ctx": "ctx_index", "pred": "pred_order", "sent": "input_ids"}
-    shape = shape[stream]
+    shape = STREAM_SHAPE[stream]
     return Segments(batch[f"cu_{stream}"], batch[f"max_{stream}"], batch[shape].numel())
 
 

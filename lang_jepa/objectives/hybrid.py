@@ -29,7 +29,7 @@ class JEPAMLM(JEPA):
 
     def __init__(self, jepa: JEPA, vocab_size: int, norm_eps: float = 1e-6) -> None:
         super().__init__(jepa.encoder, jepa.predictor, jepa.level)
-        self.online_target, self.target_view = jepa.online_target, jepa.target_view
+        self.target_cfg, self.online = jepa.target_cfg, jepa.online
         dim = jepa.encoder.dim
         self.head_norm = nn.LayerNorm(dim, eps=norm_eps)
         self.head = nn.Linear(dim, vocab_size)
@@ -42,8 +42,8 @@ class JEPAMLM(JEPA):
         preds = self.predict_from(batch, ctx, pos, batch["ctx_valid"], self.level == "sentence")
         index = batch["mlm_ctx_index"][..., None].expand(-1, -1, ctx.shape[-1])
         logits = self.head(self.head_norm(ctx.gather(1, index)))
-        if self.online_target is not None:  # the targets read the clean window
-            feats = window_features(self.encoder, batch, None, self.online_target)
+        if self.online:  # the targets read the clean window
+            feats = window_features(self.encoder, batch, None, self.target_cfg)
             return preds, logits, (ctx if self.return_context else None), feats
         return (preds, logits, ctx) if self.return_context else (preds, logits)
 
@@ -92,7 +92,7 @@ class JEPAMLMObjective(JEPAObjective):
 
     def loss(self, eng: Any, batch: Batch) -> tuple[Tensor, Outputs]:
         phase = self.rt.phase
-        online = self.module.online_target is not None
+        online = self.module.online
         if not online:
             with phase("targets"):
                 targets, valid, sentences = self.targets(batch)

@@ -52,10 +52,10 @@ class JEPA(nn.Module):
         self.predictor = predictor
         self.level = level  # sentence: [B, S, D] predictions; token: [B, Nt, D]
         self.return_context = False  # forward also returns the context features (loss.reg_on)
+        self.target_cfg = TargetConfig()  # what the targets are (the view also sizes the FLOPs)
         # target.source=online: forward also runs this encoder over the window for the targets
         # (with gradient) and returns (predictions, context features or None, window features)
-        self.online_target: TargetConfig | None = None
-        self.target_view = "window"  # target.view, for the FLOP count
+        self.online = False
 
     @staticmethod
     def context_inputs(batch: Batch, key: str = "input_ids") -> tuple[Tensor, Tensor]:
@@ -76,8 +76,8 @@ class JEPA(nn.Module):
         ids, pos = self.context_inputs(batch)
         ctx = self.encoder(ids, pos, batch["ctx_valid"], batch_segments(batch, "ctx"))
         preds = self.predict_from(batch, ctx, pos, batch["ctx_valid"], self.level == "sentence")
-        if self.online_target is not None:
-            feats = window_features(self.encoder, batch, None, self.online_target)
+        if self.online:
+            feats = window_features(self.encoder, batch, None, self.target_cfg)
             return preds, (ctx if self.return_context else None), feats
         return (preds, ctx) if self.return_context else preds
 
@@ -128,9 +128,7 @@ def build_models(cfg: Config, vocab_size: int) -> tuple[JEPA, TextEncoder]:
         for stack in (encoder.stack, predictor.stack, target.stack):
             compile_blocks(stack)
     model = JEPA(encoder, predictor, cfg.target.level)
-    model.target_view = cfg.target.view
-    if cfg.target.source == "online":
-        model.online_target = cfg.target
+    model.target_cfg, model.online = cfg.target, cfg.target.source == "online"
     return model, target
 
 
@@ -302,10 +300,10 @@ def jepa_loss(
         z = None
         if cfg.reg_on == "predictions":
             z = pred[valid]
-        elif context is not None:
-            z = context[0].float()[context[1]]
         elif cfg.reg_on == "targets":  # with gradient under target.source=online
             z = target[valid]
+        elif context is not None:
+            z = context[0].float()[context[1]]
         if z is not None and cfg.reg == "vicreg":
             reg = vicreg_term(z, cfg.vicreg_cov_weight)
         elif z is not None:
@@ -352,13 +350,15 @@ def step_flops(model: JEPA, batch: Batch, recompute: bool) -> tuple[Tensor, Tens
     n_ctx = batch["ctx_valid"].sum(1).float()
     n_tgt = batch["tgt_valid"].sum(1).float()
     enc_ctx = stream_flops(enc, batch, "ctx", n_ctx)
-    enc_win = stream_flops(enc, batch, "sent" if model.target_view == "sentence" else "full", n_win)
+    enc_win = stream_flops(
+        enc, batch, "sent" if model.target_cfg.view == "sentence" else "full", n_win
+    )
     pred_core = stream_flops(pred, batch, "pred", n_ctx + n_tgt)
     n_out = n_tgt.sum() if model.level == "token" else batch["tgt_sent_valid"].sum()
     pred_io = 2.0 * enc.dim * pred.dim * (n_ctx.sum() + n_out)
     forward_trainable = enc_ctx + pred_core + pred_io
     target_forward = enc_win  # the EMA encoder: forward only
-    if model.online_target is not None:  # online targets: forward and backward, like the rest
+    if model.online:  # online targets: forward and backward, like the rest
         forward_trainable, target_forward = forward_trainable + enc_win, 0.0
     model_flops = 3.0 * forward_trainable + target_forward
     hardware_flops = model_flops + forward_trainable if recompute else model_flops
@@ -425,7 +425,7 @@ class JEPAObjective:
 
     def loss(self, eng: Any, batch: Batch) -> tuple[Tensor, Outputs]:
         phase = self.rt.phase
-        online = self.module.online_target is not None
+        online = self.module.online
         if not online:
             with phase("targets"):  # 1. targets: EMA encoder on the full window, no grad
                 targets, valid, sentences = self.targets(batch)

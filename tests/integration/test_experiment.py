@@ -23,7 +23,7 @@ from lang_jepa.eval.metrics import fit_postprocess, spearman
 from lang_jepa.experiment import ExperimentError, load_experiment
 from lang_jepa.experiment.__main__ import main
 from lang_jepa.experiment.spec import model_config
-from tests.helpers import cpu_env
+from tests.helpers import cpu_env, wait_for_run_dir_release
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.processes, pytest.mark.engine]
@@ -147,6 +147,7 @@ def test_killed_variant_resumes_from_its_checkpoint(tmp_path: Path, tiny_shards:
     harness.wait()
     for pid in children.stdout.split():
         os.killpg(int(pid), signal.SIGKILL)
+    wait_for_run_dir_release(cell)
     killed_at = int(latest.read_text().removeprefix("step"))
     assert 10 <= killed_at < 40 and not (cell / "result.json").exists()
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import cpu_env, free_port
+from tests.helpers import cpu_env, free_port, wait_for_run_dir_release
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.processes, pytest.mark.engine]
@@ -92,6 +92,7 @@ def test_sigkill_at_random_step_then_restart_is_bit_exact(tmp_path, tiny_shards,
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    wait_for_run_dir_release(run_dir)
     assert max(losses(run_dir)) < STEPS, "the run finished before it could be killed"
     restart = run(cmd)
     assert restart.returncode == 0, restart.stderr[-4000:]

@@ -4,6 +4,7 @@ real batches of the tiny preset (real shards, real tokenizer), no engine."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -317,9 +318,9 @@ def test_flops_count_the_online_target_backward_and_the_sentence_attention(tiny_
     sentences = stream_flops(model.encoder, batch, "sent", n_win)
     assert float(sentences) < float(window)  # the same matmuls, attention within sentences
     ema, _ = step_flops(model, batch, recompute=False)
-    model.online_target = cfg.target  # the target forward is trained: 3x instead of 1x
+    model.online = True  # the target forward is trained: 3x instead of 1x
     online, _ = step_flops(model, batch, recompute=False)
     assert float(online - ema) == pytest.approx(2 * float(window), rel=1e-6)
-    model.online_target, model.target_view = None, "sentence"
+    model.online, model.target_cfg = False, dataclasses.replace(cfg.target, view="sentence")
     sentence_view, _ = step_flops(model, batch, recompute=False)
     assert float(ema - sentence_view) == pytest.approx(float(window - sentences), rel=1e-6)
