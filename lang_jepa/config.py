@@ -116,7 +116,8 @@ class LossConfig:
     temperature: float = 0.1
     reg: str = "none"  # none | vicreg | sigreg
     # predictions | context (the context encoder's token features) | targets (the target-sentence
-    # embeddings: the encoder's own pooled embeddings under target.source=online)
+    # embeddings: the encoder's own pooled embeddings under target.source=online), or several
+    # joined by "+" (targets+context), each its own term at reg_weight
     reg_on: str = "predictions"
     reg_weight: float = 0.0
     vicreg_cov_weight: float = 0.04  # covariance / variance weight inside the vicreg term
@@ -351,10 +352,12 @@ def validate(cfg: Config) -> None:
         f"{cfg.loss.type!r} is not smooth_l1 | l2 | cosine | infonce",
     )
     _check(cfg.loss.reg in ("none", "vicreg", "sigreg"), "loss.reg", f"{cfg.loss.reg!r} unknown")
+    reg_on = cfg.loss.reg_on.split("+")
     _check(
-        cfg.loss.reg_on in ("predictions", "context", "targets"),
+        all(on in ("predictions", "context", "targets") for on in reg_on)
+        and len(set(reg_on)) == len(reg_on),
         "loss.reg_on",
-        f"{cfg.loss.reg_on!r} is not predictions | context | targets",
+        f"{cfg.loss.reg_on!r} is not predictions | context | targets, or several joined by +",
     )
     tg = cfg.target
     _check(
@@ -371,7 +374,7 @@ def validate(cfg: Config) -> None:
     _check(tg.view in ("window", "sentence"), "target.view", f"{tg.view!r} not window | sentence")
     _check(tg.source in ("ema", "online"), "target.source", f"{tg.source!r} is not ema | online")
     _check(
-        cfg.loss.reg_on != "targets" or cfg.loss.reg == "none" or tg.source == "online",
+        "targets" not in reg_on or cfg.loss.reg == "none" or tg.source == "online",
         "loss.reg_on",
         "targets: the EMA targets carry no gradient; regularise them with target.source=online",
     )

@@ -264,6 +264,11 @@ def infonce(pred: Tensor, target: Tensor, valid: Tensor, temperature: float) -> 
     return (ce * w).sum() / w.sum().clamp(min=1.0)
 
 
+def reg_sets(cfg: LossConfig) -> tuple[str, ...]:
+    """What ``loss.reg`` acts on: ``loss.reg_on`` split at "+" (e.g. ``targets+context``)."""
+    return tuple(cfg.reg_on.split("+"))
+
+
 def jepa_loss(
     pred: Tensor,
     target: Tensor,
@@ -296,18 +301,21 @@ def jepa_loss(
             pred_loss = pred_loss + cfg.infonce_weight * nce
     reg = pred_loss.new_zeros(())
     if cfg.reg != "none" and cfg.reg_weight > 0:
-        # on the context features: training passes them; evaluation (no context) scores 0
-        z = None
-        if cfg.reg_on == "predictions":
-            z = pred[valid]
-        elif cfg.reg_on == "targets":  # with gradient under target.source=online
-            z = target[valid]
-        elif context is not None:
-            z = context[0].float()[context[1]]
-        if z is not None and cfg.reg == "vicreg":
-            reg = vicreg_term(z, cfg.vicreg_cov_weight)
-        elif z is not None:
-            reg = sigreg_term(z, n_dirs=cfg.sigreg_slices)
+        # each named set gets its own term, all at reg_weight; the context features are passed by
+        # training only (evaluation scores their term 0)
+        for on in reg_sets(cfg):
+            if on == "predictions":
+                z = pred[valid]
+            elif on == "targets":  # with gradient under target.source=online
+                z = target[valid]
+            elif context is not None:
+                z = context[0].float()[context[1]]
+            else:
+                continue
+            if cfg.reg == "vicreg":
+                reg = reg + vicreg_term(z, cfg.vicreg_cov_weight)
+            else:
+                reg = reg + sigreg_term(z, n_dirs=cfg.sigreg_slices)
     parts.update(pred_loss=pred_loss.detach(), reg=reg.detach())
     return pred_loss + cfg.reg_weight * reg, parts
 
@@ -401,7 +409,7 @@ class JEPAObjective:
     def __init__(self, cfg: Config, vocab_size: int, rt: Runtime) -> None:
         self.cfg, self.rt = cfg, rt
         self.module, target = build_models(cfg, vocab_size)
-        self.module.return_context = cfg.loss.reg_on == "context" and cfg.loss.reg != "none"
+        self.module.return_context = "context" in reg_sets(cfg.loss) and cfg.loss.reg != "none"
         self.target: TextEncoder = target.to(rt.device)
         self.ema = EmaTarget(self.target, self.module.encoder, rt)
         self.momentum = math.nan  # of the last EMA update

@@ -229,12 +229,35 @@ def test_the_alarm_sees_a_prediction_that_regressed_to_the_mean():
     assert float(mean["pred_top1"]) <= 0.1 and float(mean["pred_std"]) < 0.01
 
 
+def test_joined_reg_sets_add_one_term_each(tiny_shards):
+    cfg, model, target, batch, _ = setup_batch(
+        tiny_shards, "loss.reg=sigreg", "loss.reg_on=predictions+context", "loss.reg_weight=0.5",
+        "loss.sigreg_slices=128",
+    )  # fmt: skip
+    model.return_context = True
+    with torch.no_grad():
+        preds, ctx = model(batch)
+        targets = pooled_targets(target_features(target, batch, None), batch)
+    valid, context = batch["tgt_sent_valid"], (ctx, batch["ctx_valid"])
+    torch.manual_seed(3)
+    loss, parts = jepa_loss(preds, targets, valid, cfg.loss, context)
+    terms = []
+    torch.manual_seed(3)  # the same random directions, drawn in the same order
+    for on in ("predictions", "context"):
+        one = dataclasses.replace(cfg.loss, reg_on=on)
+        terms.append(jepa_loss(preds, targets, valid, one, context)[1]["reg"])
+    assert float(terms[0]) > 0 and float(terms[1]) > 0
+    assert float(parts["reg"]) == pytest.approx(float(terms[0] + terms[1]), rel=1e-5)
+    assert float(loss) == pytest.approx(float(parts["pred_loss"] + 0.5 * parts["reg"]), rel=1e-5)
+
+
 def test_lever_settings_are_checked(tiny_shards):
     base = [f"data.shards={tiny_shards}"]
     for bad, key in [("target.tensor=middle", "target.tensor"), ("target.layers=9", "target.layers"),
                      ("target.norm=batch", "target.norm"), ("target.level=word", "target.level"),
                      ("loss.type=hinge", "loss.type"), ("loss.temperature=0", "loss.temperature"),
                      ("loss.reg_on=tokens", "loss.reg_on"), ("objective=jepa+vae", "objective"),
+                     ("loss.reg_on=context+context", "loss.reg_on"),
                      ("target.view=page", "target.view"), ("target.source=teacher", "target.source")]:  # fmt: skip
         with pytest.raises(ConfigError, match=f"'{key}'"):
             load_config("tiny", [*base, bad])
@@ -243,6 +266,9 @@ def test_lever_settings_are_checked(tiny_shards):
         load_config(
             "tiny", [*base, "loss.reg=sigreg", "loss.reg_weight=0.02", "loss.reg_on=targets"]
         )
+    with pytest.raises(ConfigError, match="'loss.reg_on'.*no gradient"):
+        load_config("tiny", [*base, "loss.reg=sigreg", "loss.reg_weight=0.02",
+                             "loss.reg_on=context+targets"])  # fmt: skip
     with pytest.raises(ConfigError, match="target.tensor=final is one tensor"):
         load_config("tiny", [*base, "target.layers=2"])
 
