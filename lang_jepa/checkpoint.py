@@ -10,6 +10,13 @@
   (tensors and plain Python values only: loadable with ``torch.load(weights_only=True)``);
 - ``meta.json``: step, world size, ZeRO stage, resolved config, shard manifest hash.
 
+A run that resumes on another number of ranks reads a partitioned checkpoint (ZeRO >= 1, or bf16's
+partitioned fp32 masters) through DeepSpeed's universal checkpoint: rank 0 converts it once with
+``ds_to_universal`` into ``checkpoints/universal/<tag>/`` (:func:`to_universal`; the save carries
+the ``universal_checkpoint_info`` the converter asks for) and every rank loads that with
+``checkpoint.load_universal``. The EMA target encoder is read from the original tag, and the data
+position from every old rank's trainer state (:meth:`lang_jepa.data.TrainLoader.take_over`).
+
 ``checkpoints/latest`` names the newest *complete* checkpoint: it is replaced atomically by rank 0
 only after every rank has finished writing (DeepSpeed's own ``latest`` is written before the other
 ranks are done, so it is switched off). A crash while writing leaves the previous checkpoint whole
@@ -184,9 +191,11 @@ def save(
     """Write one checkpoint on every rank (a collective), then publish it as ``latest``."""
     tag = tag_for(int(state["step"]))
     rank = engine.global_rank
-    engine.save_checkpoint(
-        str(ckpt_dir), tag=tag, client_state={"step": int(state["step"])}, save_latest=False
-    )
+    from . import engine as ds  # save() runs under DeepSpeed only
+
+    # with what ds_to_universal asks of a checkpoint before it converts it (another world size)
+    client_state = {"step": int(state["step"]), **ds.universal_checkpoint_info()}
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     out = ckpt_dir / tag
     torch.save(state, out / f"trainer_state_rank{rank}.pt")
     if rank == 0 and target is not None:
@@ -349,29 +358,91 @@ def _zero0_module_state(tag_dir: Path) -> dict[str, Tensor]:
     return module
 
 
-def read_state(ckpt_dir: Path, tag: str, rank: int, world: int) -> tuple[dict, dict]:
-    """(meta, this rank's trainer state) of a checkpoint to resume from, checked before anything
-    is loaded: written by as many ranks, every file there with its size."""
+def read_state(ckpt_dir: Path, tag: str, rank: int, world: int) -> tuple[dict, list[dict]]:
+    """(meta, trainer states) of a checkpoint to resume from, checked before anything is loaded
+    (every file there with its size). The states are this rank's alone when the checkpoint was
+    written by as many ranks, else every old rank's, in rank order (a world-size change)."""
     meta = read_meta(ckpt_dir, tag)
-    if meta.get("world_size") not in (None, world):
-        raise CheckpointError(
-            f"{ckpt_dir / tag} was written by {meta['world_size']} ranks, this run has {world}: "
-            "resuming with another number of ranks is not supported for ZeRO-partitioned optimizer "
-            "state (convert it with DeepSpeed's ds_to_universal.py and resume with "
-            "checkpoint.load_universal in the DeepSpeed config)"
-        )
     check_files(ckpt_dir, tag, meta)
-    state_file = ckpt_dir / tag / f"trainer_state_rank{rank}.pt"
-    if not state_file.is_file():
-        raise CheckpointError(f"{state_file} is missing")
-    return meta, torch.load(state_file, weights_only=True)
+    written_by = int(meta.get("world_size") or world)
+    ranks = [rank] if written_by == world else list(range(written_by))
+    states = []
+    for r in ranks:
+        state_file = ckpt_dir / tag / f"trainer_state_rank{r}.pt"
+        if not state_file.is_file():
+            raise CheckpointError(f"{state_file} is missing")
+        states.append(torch.load(state_file, weights_only=True))
+    return meta, states
 
 
-def load(engine: Any, ckpt_dir: Path, tag: str, target: torch.nn.Module | None) -> None:
-    """Load model, optimizer and target encoder (after :func:`read_state`). A checkpoint that
-    cannot be loaded is an error, never a silent fresh start."""
+UNIVERSAL_DIR = "universal"  # checkpoints/universal/<tag>/: converted for another world size
+CONVERTED = "converted"  # written last into a universal tag directory: the conversion finished
+
+
+def is_partitioned(ckpt_dir: Path, tag: str) -> bool:
+    """Whether DeepSpeed split the checkpoint's optimizer state by rank (ZeRO >= 1, bf16): it
+    then needs :func:`to_universal` to resume on another number of ranks."""
+    return any((ckpt_dir / tag).glob("*zero_pp_rank_*"))
+
+
+def to_universal(ckpt_dir: Path, tag: str, timeout_s: float = 3600.0) -> Path:
+    """Convert checkpoint ``tag`` into DeepSpeed's universal format, once (rank 0 only; the others
+    wait at a barrier). Returns the directory to pass to ``load_checkpoint`` with that tag. A
+    failed or interrupted conversion leaves nothing that looks finished; the error names the
+    checkpoint and quotes the converter."""
+    import subprocess
+    import sys
+
+    out_root = ckpt_dir / UNIVERSAL_DIR
+    dest = out_root / tag
+    if (dest / CONVERTED).is_file():
+        return out_root
+    work = out_root / f"{tag}.converting"
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(dest, ignore_errors=True)
+    out_root.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "deepspeed.checkpoint.ds_to_universal",
+        "--input_folder",
+        str(ckpt_dir / tag),
+        "--output_folder",
+        str(work),
+        "--num_extract_workers",
+        "1",
+        "--num_merge_workers",
+        "1",
+        "--inject_missing_state",
+    ]  # fmt: skip  (inject: checkpoints saved without the info)
+    log.info("converting %s to a universal checkpoint for another world size", ckpt_dir / tag)
     try:
-        load_path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired as err:
+        raise CheckpointError(f"{ckpt_dir / tag}: ds_to_universal ran over {timeout_s} s") from err
+    if proc.returncode != 0:
+        raise CheckpointError(
+            f"{ckpt_dir / tag}: ds_to_universal failed (exit {proc.returncode}):\n"
+            + (proc.stdout + proc.stderr)[-3000:]
+        )
+    os.replace(work, dest)
+    (dest / CONVERTED).write_text(f"from {ckpt_dir / tag}\n")
+    (out_root / "latest_universal").unlink(missing_ok=True)  # the converter's; tags are explicit
+    return out_root
+
+
+def load(
+    engine: Any,
+    ckpt_dir: Path,
+    tag: str,
+    target: torch.nn.Module | None,
+    engine_dir: Path | None = None,
+) -> None:
+    """Load model, optimizer and target encoder (after :func:`read_state`); DeepSpeed's part from
+    ``engine_dir`` when given (:func:`to_universal`'s directory). A checkpoint that cannot be
+    loaded is an error, never a silent fresh start."""
+    try:
+        load_path, _ = engine.load_checkpoint(str(engine_dir or ckpt_dir), tag=tag)
     except (AssertionError, OSError, KeyError, RuntimeError) as err:  # DeepSpeed's own checks
         raise CheckpointError(
             f"DeepSpeed could not load {ckpt_dir / tag} ({type(err).__name__}: {err})"

@@ -304,6 +304,14 @@ def fp32_fragments(
     return out, partitioned
 
 
+def universal_checkpoint_info() -> dict[str, Any]:
+    """The client state DeepSpeed's ``ds_to_universal`` requires of a checkpoint it converts."""
+    from deepspeed.checkpoint import constants as c
+
+    info = {c.UNIVERSAL_CHECKPOINT_VERSION_KEY: c.UNIVERSAL_CHECKPOINT_VERSION_VALUE}
+    return {c.UNIVERSAL_CHECKPOINT_INFO: info}
+
+
 def dp_all_reduce(tensor: Tensor) -> None:
     """Sum over every rank, in place (data parallelism is the only parallelism here)."""
     if dist.is_initialized() and dist.get_world_size() > 1:

@@ -126,6 +126,46 @@ def bert_state(path: str | Path, depth: int) -> dict[str, Tensor]:
     return {k: v.contiguous() for k, v in out.items()}
 
 
+def to_bert_state(state: dict[str, Tensor], depth: int) -> dict[str, Tensor]:
+    """An ``arch=bert`` :class:`TextEncoder` state under ``transformers.BertModel``'s names (the
+    inverse of :func:`bert_state`; ``qkv`` split into ``query``/``key``/``value``). BertModel's
+    pooler, which LANG-JEPA does not use (it mean-pools), is written as zeros, so that the model
+    loads with no freshly initialised weights."""
+    dim = state["tok_emb.weight"].shape[1]
+    out = {
+        "embeddings.word_embeddings.weight": state["tok_emb.weight"],
+        "embeddings.position_embeddings.weight": state["pos_emb.weight"],
+        "embeddings.token_type_embeddings.weight": state["type_emb.weight"],
+        "embeddings.LayerNorm.weight": state["emb_norm.weight"],
+        "embeddings.LayerNorm.bias": state["emb_norm.bias"],
+        "pooler.dense.weight": torch.zeros(dim, dim),
+        "pooler.dense.bias": torch.zeros(dim),
+    }
+    for i in range(depth):
+        base, ours = f"encoder.layer.{i}.", f"stack.blocks.{i}."
+        for kind in ("weight", "bias"):
+            q, k, v = state[f"{ours}attn.qkv.{kind}"].chunk(3, dim=0)
+            for name, part in (("query", q), ("key", k), ("value", v)):
+                out[f"{base}attention.self.{name}.{kind}"] = part
+            for theirs, mine in _LAYER.items():
+                out[f"{base}{theirs}.{kind}"] = state[f"{ours}{mine}.{kind}"]
+    return {k: v.float().contiguous() for k, v in out.items()}
+
+
+def bert_config(model: dict[str, Any]) -> dict[str, Any]:
+    """``transformers.BertConfig`` arguments for an ``arch=bert`` export's ``model`` section."""
+    dim = int(model["dim"])
+    return {
+        "vocab_size": int(model["vocab_size"]), "hidden_size": dim,
+        "num_hidden_layers": int(model["depth"]), "num_attention_heads": int(model["heads"]),
+        "intermediate_size": round(float(model["mlp_ratio"]) * dim), "hidden_act": "gelu",
+        "max_position_embeddings": int(model.get("max_positions") or model["seq_len"]),
+        "type_vocab_size": 2, "layer_norm_eps": float(model["norm_eps"]),
+        "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
+        "position_embedding_type": "absolute",
+    }  # fmt: skip
+
+
 def load_pretrained(encoder: torch.nn.Module, path: str | Path) -> None:
     """Copy the checkpoint's weights into ``encoder`` (every parameter, exactly)."""
     state = bert_state(path, len(encoder.stack.blocks))

@@ -47,6 +47,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def hash_seed(*parts: int) -> int:
+    """A 32-bit seed from integers (numpy's SeedSequence: stable across runs and machines)."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
+def _needs_universal(ckpt_dir: Path, tag: str, world: int) -> bool:
+    """The checkpoint was written by another number of ranks and its optimizer is partitioned."""
+    written_by = checkpoint.read_meta(ckpt_dir, tag).get("world_size")
+    return written_by not in (None, world) and checkpoint.is_partitioned(ckpt_dir, tag)
+
+
 @dataclass
 class Trainer:
     """Everything a run needs, built by :meth:`build` (which also restores a checkpoint)."""
@@ -91,6 +102,9 @@ class Trainer:
         requested = cfg.train.precision
         cfg.train.precision, why = engine.resolve_precision(requested, dev)
         ds_config = engine.build_ds_config(ds_config_path, cfg, world)
+        if where is not None and _needs_universal(*where, world):
+            # another world size: DeepSpeed reads the converted checkpoint (Trainer.restore)
+            ds_config.setdefault("checkpoint", {})["load_universal"] = True
         seed_everything(cfg.train.seed)  # identical initial weights on every rank
         autocast = torch.bfloat16 if cfg.train.precision == "bf16" else None
         rt = Runtime(dev, rank, world, autocast, phase)
@@ -274,24 +288,63 @@ class Trainer:
         )
 
     def restore(self, ckpt_dir: Path, tag: str) -> None:
-        """Resume from a checkpoint: everything that can refuse it (ranks, files, the settings
-        the data position depends on) is checked before anything is loaded."""
-        meta, state = checkpoint.read_state(ckpt_dir, tag, self.rank, self.world)
+        """Resume from a checkpoint: everything that can refuse it (files, the settings the data
+        position depends on) is checked before anything is loaded. A checkpoint written by
+        another number of ranks is resumed through DeepSpeed's universal checkpoint, the data
+        position taken over from every old rank (see :mod:`lang_jepa.checkpoint`)."""
+        meta, states = checkpoint.read_state(ckpt_dir, tag, self.rank, self.world)
+        old_world = int(meta.get("world_size") or self.world)
+        changed = old_world != self.world
+        state = states[0]  # this rank's, or old rank 0's (step and counts are the same on all)
         if meta.get("manifest_sha256") != self.manifest_sha256:
             log.warning("checkpoint %s was made on other shards (manifest hash differs)", tag)
-        if state.get("loader") is not None:
+        loaders = [s.get("loader") for s in states]
+        if all(ls is not None for ls in loaders):
             try:
-                self.loader.check_state(state["loader"])
+                for ls in loaders:
+                    self.loader.check_state(ls, layout=not changed)
             except ValueError as err:
                 raise checkpoint.CheckpointError(
                     f"{ckpt_dir / tag}: {err} (or start afresh: train.resume=none)"
                 ) from err
-        checkpoint.load(self.eng, ckpt_dir, tag, self.objective.target)
-        if state.get("loader") is not None:
-            self.loader.load_state_dict(state["loader"])
+        engine_dir = None
+        if changed and checkpoint.is_partitioned(ckpt_dir, tag):
+            failure = None
+            if self.rank == 0:
+                try:
+                    checkpoint.to_universal(ckpt_dir, tag)
+                except checkpoint.CheckpointError as err:
+                    failure = str(err)
+            # every rank learns the outcome: the conversion is on disk before any rank reads it
+            failure = engine.dp_all_gather_object(failure)[0] if self.world > 1 else failure
+            if failure is not None:
+                raise checkpoint.CheckpointError(failure)
+            engine_dir = ckpt_dir / checkpoint.UNIVERSAL_DIR
+        checkpoint.load(self.eng, ckpt_dir, tag, self.objective.target, engine_dir)
+        if all(ls is not None for ls in loaders):
+            if changed:
+                self.loader.take_over(loaders)
+            else:
+                self.loader.load_state_dict(loaders[0])
         self.step = int(state["step"])
         self.agreement.skipped_steps = int(state.get("skipped_steps", 0))
         self.sequence = meta.get("sequence") or self.sequence
+        if changed:  # no old rank's generator fits: a fresh one per rank, fixed by seed and step
+            seed_everything(hash_seed(self.cfg.train.seed, self.step, self.rank))
+            old_glob = meta["config"].get("train", {}).get("global_batch_size")
+            if old_glob not in (None, self.cfg.train.global_batch_size):
+                log.warning(
+                    "the global batch was %s windows, now %d: set train.global_batch_size to keep "
+                    "it across world sizes (accumulation then makes up the difference)",
+                    old_glob, self.cfg.train.global_batch_size,
+                )  # fmt: skip
+            log.info(
+                "resumed from %s (step %d), written by %d ranks, on %d: the old ranks' data "
+                "streams are finished first (through epoch %d)",
+                ckpt_dir / tag, self.step, old_world, self.world,
+                self.loader.handover.epoch if self.loader.handover else -1,
+            )  # fmt: skip
+            return
         checkpoint.set_rng_state(state["rng"])
         log.info("resumed from %s (step %d)", ckpt_dir / tag, self.step)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -38,6 +39,23 @@ def cpu_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", **extra)
     return env
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants, as a machine that stops would. A signal to the
+    launcher's process group is not enough: torch.distributed.run starts every rank in a session
+    of its own, and ranks whose launcher died go on training."""
+    import signal
+    import subprocess
+
+    def descendants(p: int) -> list[int]:
+        out = subprocess.run(["pgrep", "-P", str(p)], capture_output=True, text=True).stdout
+        kids = [int(k) for k in out.split()]
+        return kids + [d for k in kids for d in descendants(k)]
+
+    for victim in [pid, *descendants(pid)]:  # the launcher first: it cannot restart a rank
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim, signal.SIGKILL)
 
 
 def wait_for_run_dir_release(run_dir: Path, timeout: float = 60.0) -> None:

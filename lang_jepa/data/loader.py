@@ -22,6 +22,8 @@ Train stream (:class:`TrainLoader`)
     skipped batches are neither masked nor collated. A state saved by another rank (checkpoints
     that keep rank 0's client state only) still restores exactly: the batch count is the same on
     every rank, and each worker then replays its share from the start (slower, same result).
+    ``take_over()`` continues a run saved with another number of ranks or workers: the old
+    slots' streams are finished first, shared out over the new slots (:class:`Handover`).
 
 Validation stream (:class:`ValLoader`)
     Exactly ``val_batches`` batches on every rank, deterministic (no shuffle, masks fixed by
@@ -151,14 +153,88 @@ def collate_batch(spec: StreamSpec, windows: list[Window], epoch: int) -> dict[s
     return collate_arrays([[wm] for wm in zip(windows, masks, strict=True)], spec.seq_len, False)
 
 
-def slot_batches(
-    spec: StreamSpec, slot: int, n_slots: int, worker: int, epoch: int = 0, skip: int = 0
-) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
-    """The endless (batch, position) stream of one slot, starting at ``epoch`` after ``skip``
-    batches of that epoch (``skip`` may run past its end: replay continues into the next).
-    Position = {worker, epoch, offset (batches yielded in that epoch), counters}. Skipped batches
-    are read, shuffled and packed again (all cheap) but neither masked nor collated."""
-    counters = WindowCounters()
+@dataclass(frozen=True)
+class Handover:
+    """Where every slot of an earlier layout (another world size or worker count) stopped.
+
+    A run that resumes on a different number of slots first finishes the old slots' streams,
+    each continued exactly where it stopped, through ``epoch`` (the newest epoch any old slot had
+    reached), so that no window of those epochs is repeated or skipped; then every slot starts
+    epoch ``epoch + 1`` of its own layout. Old slot ``s`` goes to new slot ``s % n_new`` when the
+    layout shrinks (a new slot then takes turns over the old streams it inherits, one batch each);
+    when it grows, new slot ``k`` takes every ``m``-th batch of old slot ``k % n_old`` (``m``: the
+    new slots sharing that old slot). With accumulation making up the difference, a step then holds
+    the same batches as it would have in the old layout. ``before`` is the old layout's own
+    handover, when it had one.
+    """
+
+    epoch: int
+    n_slots: int
+    positions: tuple[tuple[int, int], ...]  # per old slot: (epoch, batches yielded in it)
+    before: Handover | None = None
+
+    @classmethod
+    def from_states(cls, states: list[dict[str, Any]]) -> Handover:
+        """The handover from every old rank's :meth:`TrainLoader.state_dict`, in rank order."""
+        ranks = [int(s.get("rank", -1)) for s in states]
+        if ranks != list(range(len(states))):
+            raise ValueError(
+                f"the old ranks' data positions are for ranks {ranks}, not 0..{len(states) - 1}"
+            )
+        workers = max(1, int(states[0]["num_workers"]))
+        positions = []
+        for state in states:
+            saved = {int(w): (int(p[0]), int(p[1])) for w, p in state.get("positions", {}).items()}
+            positions += [saved.get(w, (0, 0)) for w in range(workers)]  # (0, 0): the start
+        before = states[0].get("handover")
+        return cls(
+            epoch=max(e for e, _ in positions),
+            n_slots=len(states) * workers,
+            positions=tuple(positions),
+            before=None if before is None else cls.from_dict(before),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch, "n_slots": self.n_slots,
+            "positions": [list(p) for p in self.positions],
+            "before": None if self.before is None else self.before.to_dict(),
+        }  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Handover:
+        before = d.get("before")
+        return cls(
+            int(d["epoch"]), int(d["n_slots"]), tuple((int(e), int(o)) for e, o in d["positions"]),
+            None if before is None else cls.from_dict(before),
+        )  # fmt: skip
+
+    def shares(self, slot: int, n_slots: int) -> list[tuple[int, int, int]]:
+        """New slot ``slot`` of ``n_slots``: the (old slot, part, parts) it continues; it takes
+        the old stream's batches j with j % parts == part."""
+        if n_slots <= self.n_slots:
+            return [(s, 0, 1) for s in range(slot % n_slots, self.n_slots, n_slots)]
+        old = slot % self.n_slots
+        sharers = list(range(old, n_slots, self.n_slots))
+        return [(old, sharers.index(slot), len(sharers))]
+
+
+def slot_windows(
+    spec: StreamSpec,
+    slot: int,
+    n_slots: int,
+    counters: WindowCounters,
+    epoch: int = 0,
+    handover: Handover | None = None,
+) -> Iterator[tuple[int, int, list[Window]]]:
+    """The endless stream of one slot's batches of windows, from the start of ``epoch``, as
+    (position epoch, mask epoch, windows). The mask epoch is the epoch of the layout that read the
+    windows (it seeds their masks); the position epoch is this layout's: while ``handover`` is
+    being finished it is ``handover.epoch`` for every batch. ``counters`` sees every document
+    read."""
+    if handover is not None and epoch <= handover.epoch:
+        yield from _handover_windows(spec, slot, n_slots, counters, handover)
+        epoch = handover.epoch + 1
     empty_epochs = 0
     while True:
         shards, stride = epoch_plan(list(spec.shards), slot, n_slots, spec.seed, epoch)
@@ -169,11 +245,7 @@ def slot_batches(
         offset = 0
         for windows in window_batches(spec, shuffled(stream, spec.shuffle_buffer, rng)):
             offset += 1
-            if skip > 0:
-                skip -= 1
-                continue
-            pos = {"worker": worker, "epoch": epoch, "offset": offset}
-            yield collate_batch(spec, windows, epoch), {**pos, "counters": counters.as_dict()}
+            yield epoch, epoch, windows
         empty_epochs = empty_epochs + 1 if offset == 0 else 0
         if empty_epochs >= 2:
             raise RuntimeError(
@@ -181,6 +253,58 @@ def slot_batches(
                 "too few documents or all shorter than data.min_sentences sentences"
             )
         epoch += 1
+
+
+def _handover_windows(
+    spec: StreamSpec, slot: int, n_slots: int, counters: WindowCounters, h: Handover
+) -> Iterator[tuple[int, int, list[Window]]]:
+    """What is left of the old slots this slot continues, through ``h.epoch``, taking turns."""
+
+    def rest(old: int, part: int, parts: int) -> Iterator[tuple[int, int, list[Window]]]:
+        start_epoch, done = h.positions[old]
+        stream = slot_windows(spec, old, h.n_slots, counters, start_epoch, h.before)
+        for j, item in enumerate(islice(stream, done, None)):
+            if item[0] > h.epoch:  # the old slot's next epoch belongs to this layout
+                return
+            if j % parts == part:
+                yield h.epoch, item[1], item[2]
+
+    streams = [rest(*share) for share in h.shares(slot, n_slots)]
+    while streams:
+        for stream in list(streams):
+            item = next(stream, None)
+            if item is None:
+                streams.remove(stream)
+            else:
+                yield item
+
+
+def slot_batches(
+    spec: StreamSpec,
+    slot: int,
+    n_slots: int,
+    worker: int,
+    epoch: int = 0,
+    skip: int = 0,
+    handover: Handover | None = None,
+) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+    """The endless (batch, position) stream of one slot, starting at ``epoch`` after ``skip``
+    batches of that epoch (``skip`` may run past its end: replay continues into the next).
+    Position = {worker, epoch, offset (batches yielded in that epoch), counters}. Skipped batches
+    are read, shuffled and packed again (all cheap) but neither masked nor collated."""
+    counters = WindowCounters()
+    offset, current = 0, None
+    for pos_epoch, mask_epoch, windows in slot_windows(
+        spec, slot, n_slots, counters, epoch, handover
+    ):
+        if pos_epoch != current:
+            offset, current = 0, pos_epoch
+        offset += 1
+        if skip > 0:
+            skip -= 1
+            continue
+        pos = {"worker": worker, "epoch": pos_epoch, "offset": offset}
+        yield collate_batch(spec, windows, mask_epoch), {**pos, "counters": counters.as_dict()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,17 +336,19 @@ class TrainStream(IterableDataset):
         workers: int,
         start: dict[int, tuple[int, int]],
         rotation: int,
+        handover: Handover | None = None,
     ) -> None:
         super().__init__()
         self.spec, self.rank, self.world_size, self.workers = spec, rank, world_size, workers
-        self.start, self.rotation = start, rotation
+        self.start, self.rotation, self.handover = start, rotation, handover
 
     def __iter__(self) -> Iterator[Packet]:
         info = get_worker_info()
         worker = ((info.id if info else 0) + self.rotation) % self.workers
         epoch, skip = self.start.get(worker, (0, 0))
         slot = self.rank * self.workers + worker
-        stream = slot_batches(self.spec, slot, self.world_size * self.workers, worker, epoch, skip)
+        n_slots = self.world_size * self.workers
+        stream = slot_batches(self.spec, slot, n_slots, worker, epoch, skip, self.handover)
         return (Packet(arrays, pos) for arrays, pos in stream)
 
 
@@ -260,11 +386,12 @@ class TrainLoader:
         self._positions: dict[int, tuple[int, int]] = {}
         self._counters: dict[int, dict[str, int]] = {}
         self._it: Iterator[Packet] | None = None
+        self.handover: Handover | None = None  # an earlier layout's streams, finished first
 
     def _start(self) -> Iterator[Packet]:
         dataset = TrainStream(
             self.spec, self.rank, self.world_size, self.workers, dict(self._positions),
-            self._batches % self.workers,
+            self._batches % self.workers, self.handover,
         )  # fmt: skip
         extra: dict[str, Any] = {}
         if self.num_workers > 0:
@@ -323,13 +450,17 @@ class TrainLoader:
             "epoch": self.epoch,
             "rank": self.rank,
             "positions": {str(w): list(p) for w, p in sorted(self._positions.items())},
+            "handover": None if self.handover is None else self.handover.to_dict(),
         }
 
-    def check_state(self, state: dict[str, Any]) -> None:
+    def check_state(self, state: dict[str, Any], layout: bool = True) -> None:
         """ValueError naming the config keys whose values differ from those a saved position
-        (:meth:`state_dict`) was made with: that position cannot be restored exactly."""
+        (:meth:`state_dict`) was made with: that position cannot be restored exactly.
+        ``layout=False``: the number of ranks and workers may differ (:meth:`take_over`)."""
         diffs: dict[str, str] = {}
         for key, value in self._stream_settings().items():
+            if not layout and key in ("world_size", "num_workers"):
+                continue
             if state.get(key) != value:
                 name = SETTING_KEYS.get(key) or f"loader {key}"
                 diffs.setdefault(name, f"{name}={state.get(key)}, this run has {value}")
@@ -349,6 +480,8 @@ class TrainLoader:
         self.close()
         self._batches = int(state["batches"])
         self._counters = {}
+        handover = state.get("handover")
+        self.handover = None if handover is None else Handover.from_dict(handover)
         if state.get("rank") == self.rank and "positions" in state:
             saved = state["positions"].items()
             self._positions = {int(w): (int(p[0]), int(p[1])) for w, p in saved}
@@ -356,6 +489,17 @@ class TrainLoader:
         # Another rank's state: worker w produced batches j = w, w + W, ... < batches; replay.
         n = self._batches
         self._positions = {w: (0, len(range(w, n, self.workers))) for w in range(self.workers)}
+
+    def take_over(self, states: list[dict[str, Any]]) -> None:
+        """Continue a run saved with another number of ranks or workers: ``states`` are every old
+        rank's :meth:`state_dict`, in rank order. The old slots' streams are finished first, each
+        exactly where it stopped (see :class:`Handover`); ValueError, naming the config keys, if
+        a setting other than the layout differs."""
+        for state in states:
+            self.check_state(state, layout=False)
+        self.close()
+        self.handover = Handover.from_states(states)
+        self._batches, self._positions, self._counters = 0, {}, {}
 
     def close(self) -> None:
         """Stop the worker processes (a new iteration restarts them at the saved position)."""

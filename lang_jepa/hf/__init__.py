@@ -74,6 +74,15 @@ def model_card(native: dict[str, Any], params: int, eval_md: str | None) -> str:
     ``params``: the encoder's parameter count."""
     src = native.get("source", {})
     m = native["model"]
+    bert = m.get("arch", "pre_ln") == "bert"
+    remote = "" if bert else ", trust_remote_code=True"
+    if bert:
+        body = (f"BERT (post-LN, learned absolute positions, token types, GELU), loaded as "
+                f"`transformers.BertModel`: {m['depth']} layers, width {m['dim']}, {m['heads']} "
+                f"heads, MLP ratio {m['mlp_ratio']}")  # fmt: skip
+    else:
+        body = (f"pre-LN transformer: {m['depth']} layers, width {m['dim']}, {m['heads']} heads, "
+                f"MLP ratio {m['mlp_ratio']}, {m['pos']} positions")  # fmt: skip
     lines = [
         "---",
         "library_name: sentence-transformers",
@@ -93,17 +102,16 @@ def model_card(native: dict[str, Any], params: int, eval_md: str | None) -> str:
         "```python",
         "from sentence_transformers import SentenceTransformer",
         "",
-        'model = SentenceTransformer("PATH", trust_remote_code=True)',
+        f'model = SentenceTransformer("PATH"{remote})',
         'emb = model.encode(["The committee approved the budget.", "The plan was voted through."])',
         "```",
         "",
-        "or `transformers.AutoModel.from_pretrained(PATH, trust_remote_code=True)` and the mean "
+        f"or `transformers.AutoModel.from_pretrained(PATH{remote})` and the mean "
         "of `last_hidden_state` over `attention_mask`.",
         "",
         "## Architecture",
         "",
-        f"- pre-LN transformer: {m['depth']} layers, width {m['dim']}, {m['heads']} heads, MLP ratio "
-        f"{m['mlp_ratio']}, {m['pos']} positions, up to {m['seq_len']} tokens (about "
+        f"- {body}, up to {m['seq_len']} tokens (about "
         f"{params / 1e6:.1f}M parameters, {m['vocab_size'] * m['dim'] / 1e6:.1f}M of them the "
         "token embedding);",
         "- sentence embedding: the mean of the final token features (no special tokens);",
@@ -150,36 +158,42 @@ def to_hf(native_dir: str | Path, out: str | Path, eval_md: str | None = None) -
         state = load_file(str(native_dir / "model.safetensors"))
     except (OSError, ValueError) as err:
         raise HFExportError(f"{native_dir}: not a LANG-JEPA export ({err})") from err
-    if native["model"].get("arch", "pre_ln") != "pre_ln":
-        raise HFExportError(
-            f"{native_dir}: model.arch={native['model']['arch']!r} (an encoder started from a BERT "
-            "checkpoint): --format hf writes the pre_ln architecture only"
-        )
+    arch = native["model"].get("arch", "pre_ln")
     tok_dir = native_dir / "tokenizer"
     if not (tok_dir / "tokenizer.json").is_file():
         raise HFExportError(f"{native_dir}: the export has no tokenizer/tokenizer.json to ship")
     out.mkdir(parents=True, exist_ok=True)
-    args = hf_config(native["model"])
-    cfg = LangJepaConfig(**args, architectures=["LangJepaModel"], auto_map=AUTO_MAP,
-                         lang_jepa={"which": native.get("which"), "source": native.get("source")})  # fmt: skip
-    cfg.save_pretrained(str(out))
-    for name in CODE_FILES:
-        shutil.copyfile(HERE / name, out / name)
+    about = {"which": native.get("which"), "source": native.get("source")}
+    seq_len = int(native["model"]["seq_len"])
+    if arch == "bert":  # BERT exactly (model.init_from): transformers' own BertModel, no code
+        from transformers import BertConfig
+
+        from lang_jepa.pretrained import bert_config, to_bert_state
+
+        BertConfig(**bert_config(native["model"]), architectures=["BertModel"],
+                   lang_jepa=about).save_pretrained(str(out))  # fmt: skip
+        state = to_bert_state(state, int(native["model"]["depth"]))
+    else:
+        args = hf_config(native["model"])
+        LangJepaConfig(**args, architectures=["LangJepaModel"], auto_map=AUTO_MAP,
+                       lang_jepa=about).save_pretrained(str(out))  # fmt: skip
+        for name in CODE_FILES:
+            shutil.copyfile(HERE / name, out / name)
     save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"),
               metadata={"format": "pt"})  # fmt: skip
-    _tokenizer(tok_dir, out, args["max_position_embeddings"])
+    _tokenizer(tok_dir, out, seq_len)
     (out / "modules.json").write_text(json.dumps([
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
         {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
     ], indent=2) + "\n")  # fmt: skip
     (out / "sentence_bert_config.json").write_text(json.dumps(
-        {"max_seq_length": args["max_position_embeddings"], "do_lower_case": False}, indent=2) + "\n")  # fmt: skip
+        {"max_seq_length": seq_len, "do_lower_case": False}, indent=2) + "\n")  # fmt: skip
     (out / "1_Pooling").mkdir(exist_ok=True)
     (out / "1_Pooling" / "config.json").write_text(json.dumps({
-        "word_embedding_dimension": args["hidden_size"], "pooling_mode_cls_token": False,
+        "word_embedding_dimension": int(native["model"]["dim"]), "pooling_mode_cls_token": False,
         "pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": False,
         "pooling_mode_mean_sqrt_len_tokens": False,
     }, indent=2) + "\n")  # fmt: skip
-    params = sum(v.numel() for v in state.values())
+    params = sum(v.numel() for k, v in state.items() if not k.startswith("pooler."))
     (out / "README.md").write_text(model_card(native, params, eval_md))
     return out

@@ -99,3 +99,57 @@ def test_the_untrained_pretrained_export_is_the_checkpoint(tmp_path: Path):
         feats = ref(input_ids=torch.tensor([ids])).last_hidden_state.mean(1)
     emb = enc.encode("The committee approved the budget.")
     assert torch.allclose(emb, feats, atol=1e-5)
+
+
+def test_a_bert_export_in_hf_format_is_a_plain_bertmodel(tmp_path: Path):
+    """``--format hf`` of an ``arch=bert`` encoder: transformers' own BertModel (no remote code),
+    MiniLM's weights under their own names, and sentence-transformers giving Encoder.encode's
+    embeddings (fp32, the same weights and ids: a few ulps apart; asserted to 1e-5)."""
+    from safetensors.torch import load_file
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModel, AutoTokenizer
+
+    from lang_jepa import Encoder
+    from lang_jepa.export import export_random_init
+    from lang_jepa.hf import to_hf
+
+    arch = bert_architecture(MINILM)
+    cfg = {"seq_len": 128, "rope_theta": 1e4, "dropout": 0.0, "init_std": 0.02, **arch}
+    native = export_random_init(
+        cfg, arch["vocab_size"], MINILM, tmp_path / "native", 0, str(MINILM)
+    )
+    out = to_hf(native, tmp_path / "hf")
+    assert not (out / "modeling_lang_jepa.py").exists()
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "bert" and config["lang_jepa"]["which"] == "init"
+    # MiniLM's own tensors come back under their own names (the pooler, unused, is zeros)
+    mine, theirs = (
+        load_file(str(out / "model.safetensors")),
+        load_file(str(MINILM / "model.safetensors")),
+    )
+    theirs = {k.removeprefix("bert."): v for k, v in theirs.items() if "position_ids" not in k}
+    shared = [k for k in theirs if not k.startswith("pooler.")]
+    assert set(shared) <= set(mine) and all(torch.equal(mine[k], theirs[k]) for k in shared)
+    assert not mine["pooler.dense.weight"].any()
+
+    texts = [
+        "The committee approved the budget.",
+        "Peace was made with Spain after the war.",
+        "Taxes rose.",
+    ]
+    ref = Encoder.from_pretrained(native, device="cpu").encode(texts)
+    model = AutoModel.from_pretrained(out).eval()
+    assert type(model).__name__ == "BertModel"
+    tok = AutoTokenizer.from_pretrained(out)
+    batch = tok(texts, padding=True, return_tensors="pt")
+    assert batch["input_ids"][0, 0].item() != tok.cls_token_id  # no [CLS]/[SEP], as in training
+    with torch.no_grad():
+        feats = model(**batch).last_hidden_state
+    mask = batch["attention_mask"][..., None].float()
+    pooled = (feats * mask).sum(1) / mask.sum(1)
+    assert torch.allclose(pooled, ref, atol=1e-5), (pooled - ref).abs().max()
+    st = SentenceTransformer(str(out), device="cpu")
+    emb = st.encode(texts, convert_to_tensor=True).cpu()
+    assert torch.allclose(emb, ref, atol=1e-5), (emb - ref).abs().max()
+    card = (out / "README.md").read_text()
+    assert "loaded as `transformers.BertModel`" in card and "trust_remote_code" not in card
