@@ -358,14 +358,16 @@ def _zero0_module_state(tag_dir: Path) -> dict[str, Tensor]:
     return module
 
 
-def read_state(ckpt_dir: Path, tag: str, rank: int, world: int) -> tuple[dict, list[dict]]:
+def read_state(
+    ckpt_dir: Path, tag: str, rank: int, world: int, every_rank: bool = False
+) -> tuple[dict, list[dict]]:
     """(meta, trainer states) of a checkpoint to resume from, checked before anything is loaded
     (every file there with its size). The states are this rank's alone when the checkpoint was
-    written by as many ranks, else every old rank's, in rank order (a world-size change)."""
+    written by as many ranks, else (or with ``every_rank``) every old rank's, in rank order."""
     meta = read_meta(ckpt_dir, tag)
     check_files(ckpt_dir, tag, meta)
     written_by = int(meta.get("world_size") or world)
-    ranks = [rank] if written_by == world else list(range(written_by))
+    ranks = [rank] if written_by == world and not every_rank else list(range(written_by))
     states = []
     for r in ranks:
         state_file = ckpt_dir / tag / f"trainer_state_rank{r}.pt"

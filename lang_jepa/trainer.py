@@ -295,6 +295,13 @@ class Trainer:
         meta, states = checkpoint.read_state(ckpt_dir, tag, self.rank, self.world)
         old_world = int(meta.get("world_size") or self.world)
         changed = old_world != self.world
+        loader_state = states[0].get("loader") or {}
+        # another number of data workers on as many ranks: the data position is taken over
+        relayout = changed or loader_state.get("num_workers", self.cfg.data.num_workers) != (
+            self.cfg.data.num_workers
+        )
+        if relayout and not changed:  # every old rank's data position is needed
+            meta, states = checkpoint.read_state(ckpt_dir, tag, self.rank, self.world, True)
         state = states[0]  # this rank's, or old rank 0's (step and counts are the same on all)
         if meta.get("manifest_sha256") != self.manifest_sha256:
             log.warning("checkpoint %s was made on other shards (manifest hash differs)", tag)
@@ -302,7 +309,7 @@ class Trainer:
         if all(ls is not None for ls in loaders):
             try:
                 for ls in loaders:
-                    self.loader.check_state(ls, layout=not changed)
+                    self.loader.check_state(ls, layout=not relayout)
             except ValueError as err:
                 raise checkpoint.CheckpointError(
                     f"{ckpt_dir / tag}: {err} (or start afresh: train.resume=none)"
@@ -322,7 +329,7 @@ class Trainer:
             engine_dir = ckpt_dir / checkpoint.UNIVERSAL_DIR
         checkpoint.load(self.eng, ckpt_dir, tag, self.objective.target, engine_dir)
         if all(ls is not None for ls in loaders):
-            if changed:
+            if relayout:
                 self.loader.take_over(loaders)
             else:
                 self.loader.load_state_dict(loaders[0])
@@ -338,15 +345,18 @@ class Trainer:
                     "it across world sizes (accumulation then makes up the difference)",
                     old_glob, self.cfg.train.global_batch_size,
                 )  # fmt: skip
+        else:
+            checkpoint.set_rng_state(states[self.rank if relayout else 0]["rng"])
+        if relayout:
             log.info(
-                "resumed from %s (step %d), written by %d ranks, on %d: the old ranks' data "
-                "streams are finished first (through epoch %d)",
-                ckpt_dir / tag, self.step, old_world, self.world,
+                "resumed from %s (step %d), written by %d ranks x %d data workers, on %d x %d: "
+                "the old data streams are finished first (through epoch %d)",
+                ckpt_dir / tag, self.step, old_world, int(loader_state.get("num_workers", 0)),
+                self.world, self.cfg.data.num_workers,
                 self.loader.handover.epoch if self.loader.handover else -1,
             )  # fmt: skip
-            return
-        checkpoint.set_rng_state(state["rng"])
-        log.info("resumed from %s (step %d)", ckpt_dir / tag, self.step)
+        else:
+            log.info("resumed from %s (step %d)", ckpt_dir / tag, self.step)
 
 
 def resolve_init_from(cfg: Config) -> None:

@@ -143,7 +143,7 @@ def test_four_ranks_resume_on_two_with_the_same_losses_and_carried_moments(
     reference = losses(four_ranks)
     run_dir = rewind(four_ranks, tmp_path / "run", AT)
     out = run(command(run_dir, shards, 2))
-    assert "written by 4 ranks, on 2" in out.stdout + out.stderr
+    assert "written by 4 ranks x 0 data workers, on 2 x 0" in out.stdout + out.stderr
     assert (run_dir / "checkpoints" / "universal" / checkpoint.tag_for(AT) / "converted").is_file()
     check_resumed(run_dir, reference, same_batch_steps(shards, AT, 4, 2))
     meta = checkpoint.read_meta(run_dir / "checkpoints", checkpoint.tag_for(STEPS))
@@ -165,7 +165,20 @@ def test_two_ranks_resume_on_four(tmp_path, tmp_path_factory, shards):
     run(command(full, shards, 2))
     run_dir = rewind(full, tmp_path / "run", AT)
     out = run(command(run_dir, shards, 4))
-    assert "written by 2 ranks, on 4" in out.stdout + out.stderr
+    assert "written by 2 ranks x 0 data workers, on 4 x 0" in out.stdout + out.stderr
     check_resumed(run_dir, losses(full), same_batch_steps(shards, AT, 2, 4))
     meta = checkpoint.read_meta(run_dir / "checkpoints", checkpoint.tag_for(STEPS))
     assert meta["world_size"] == 4 and meta["config"]["train"]["grad_accum_steps"] == 1
+
+
+def test_one_rank_resumes_with_more_data_workers(tmp_path, shards):
+    """Another data.num_workers on the same ranks: the data position is taken over (the slots are
+    ranks x workers) and the model and optimizer load as they are."""
+    run_dir = tmp_path / "run"
+    one = [c for c in command(run_dir, shards, 1) if c != "--nproc_per_node=1"]
+    one = [sys.executable, *one[one.index("train.py") :]]
+    run([*one, f"train.exit_at_step={AT}", "train.global_batch_size=0"])
+    out = run([*one, "data.num_workers=2", "train.global_batch_size=0"])
+    assert "written by 1 ranks x 0 data workers, on 1 x 2" in out.stdout + out.stderr
+    assert sorted(losses(run_dir)) == list(range(1, STEPS + 1))
+    assert not (run_dir / "checkpoints" / "universal").exists()
