@@ -58,6 +58,17 @@ def kill_tree(pid: int) -> None:
             os.kill(victim, signal.SIGKILL)
 
 
+def losses(run_dir: Path) -> dict[int, float]:
+    """The loss logged at each step of a run (``logs/metrics.jsonl``); a step logged again after
+    a restart keeps its last value, a record without a finite loss is left out."""
+    out = {}
+    for line in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "train/loss" in record:
+            out[record["step"]] = record["train/loss"]
+    return out
+
+
 def wait_for_run_dir_release(run_dir: Path, timeout: float = 60.0) -> None:
     """Block until no process holds ``run_dir``'s training lock. A SIGKILLed rank keeps the lock
     until the kernel has finished tearing it down, which can be after its launcher was reaped; a

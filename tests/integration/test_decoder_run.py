@@ -15,7 +15,7 @@ from lang_jepa.decoder import Decoder
 from lang_jepa.encoder_api import TOKENIZER_DIR
 from lang_jepa.export import export_random_init
 from lang_jepa.models import encoder_config
-from tests.helpers import cpu_env
+from tests.helpers import cpu_env, losses
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.processes, pytest.mark.engine]
@@ -43,15 +43,6 @@ def finished(proc: subprocess.Popen) -> tuple[int, str]:
     finally:
         proc.kill()
     return proc.returncode, out + err
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    out = {}
-    for line in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "train/loss" in record:
-            out[record["step"]] = record["train/loss"]
-    return out
 
 
 @pytest.fixture(scope="module")

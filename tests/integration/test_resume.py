@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import cpu_env, free_port, kill_tree, wait_for_run_dir_release
+from tests.helpers import cpu_env, free_port, kill_tree, losses, wait_for_run_dir_release
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.processes, pytest.mark.engine]
@@ -44,16 +44,6 @@ def run(cmd: list[str], **env: str) -> subprocess.CompletedProcess:
         cmd, cwd=REPO, env=cpu_env(**env), capture_output=True, text=True, timeout=900
     )
     return proc
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    """Logged loss per step; a step logged again after a restart keeps its last value."""
-    out = {}
-    for line in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "train/loss" in record:  # absent: no finite loss since the last record
-            out[record["step"]] = record["train/loss"]
-    return out
 
 
 @pytest.fixture(scope="module")
