@@ -388,8 +388,9 @@ def is_partitioned(ckpt_dir: Path, tag: str) -> bool:
 
 
 def to_universal(ckpt_dir: Path, tag: str, timeout_s: float = 3600.0) -> Path:
-    """Convert checkpoint ``tag`` into DeepSpeed's universal format, once (rank 0 only; the others
-    wait at a barrier). Returns the directory to pass to ``load_checkpoint`` with that tag. A
+    """Convert checkpoint ``tag`` into DeepSpeed's universal format, once (rank 0 only; the
+    others learn the outcome from it). Returns the directory to pass to ``load_checkpoint`` with
+    that tag. A
     failed or interrupted conversion leaves nothing that looks finished; the error names the
     checkpoint and quotes the converter."""
     import subprocess
@@ -403,20 +404,10 @@ def to_universal(ckpt_dir: Path, tag: str, timeout_s: float = 3600.0) -> Path:
     shutil.rmtree(work, ignore_errors=True)
     shutil.rmtree(dest, ignore_errors=True)
     out_root.mkdir(parents=True, exist_ok=True)
-    cmd = [
-        sys.executable,
-        "-m",
-        "deepspeed.checkpoint.ds_to_universal",
-        "--input_folder",
-        str(ckpt_dir / tag),
-        "--output_folder",
-        str(work),
-        "--num_extract_workers",
-        "1",
-        "--num_merge_workers",
-        "1",
-        "--inject_missing_state",
-    ]  # fmt: skip  (inject: checkpoints saved without the info)
+    # --inject_missing_state: checkpoints saved before they carried universal_checkpoint_info
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+           str(ckpt_dir / tag), "--output_folder", str(work), "--num_extract_workers", "1",
+           "--num_merge_workers", "1", "--inject_missing_state"]  # fmt: skip
     log.info("converting %s to a universal checkpoint for another world size", ckpt_dir / tag)
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)

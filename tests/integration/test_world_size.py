@@ -173,3 +173,13 @@ def test_one_rank_resumes_with_more_data_workers(tmp_path, shards):
     assert "written by 1 ranks x 0 data workers, on 1 x 2" in out.stdout + out.stderr
     assert sorted(losses(run_dir)) == list(range(1, STEPS + 1))
     assert not (run_dir / "checkpoints" / "universal").exists()
+
+
+def test_a_failed_conversion_names_the_checkpoint_and_leaves_nothing_finished(tmp_path):
+    tag_dir = tmp_path / "checkpoints" / checkpoint.tag_for(5)
+    tag_dir.mkdir(parents=True)
+    (tag_dir / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(checkpoint.CheckpointError, match="step00000005: ds_to_universal failed"):
+        checkpoint.to_universal(tmp_path / "checkpoints", checkpoint.tag_for(5))
+    universal = tmp_path / "checkpoints" / checkpoint.UNIVERSAL_DIR
+    assert not (universal / checkpoint.tag_for(5) / checkpoint.CONVERTED).exists()
