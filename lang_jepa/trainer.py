@@ -315,7 +315,7 @@ class Trainer:
                     f"{ckpt_dir / tag}: {err} (or start afresh: train.resume=none)"
                 ) from err
         engine_dir = None
-        if changed and checkpoint.is_partitioned(ckpt_dir, tag):
+        if self.eng.load_universal_checkpoint():  # set by build() for this checkpoint
             failure = None
             if self.rank == 0:
                 try:
