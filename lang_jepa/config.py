@@ -104,6 +104,11 @@ class TargetConfig:
     # itself, gradient through the targets, no stop-gradient (LeJEPA; pair with loss.reg=sigreg,
     # loss.reg_on=targets, or loss.type=infonce, which keep it from collapsing)
     source: str = "ema"
+    # online only: hidden width of a projector (Linear, LayerNorm, GELU, Linear back to model.dim)
+    # between the pooled target embeddings and the loss, as SimCLR's projection head and LeJEPA's
+    # projector: the loss, SIGReg and the predictions live in the projector's space, the export
+    # stays the encoder's pooled embedding (0: no projector, the loss on the embedding itself)
+    projector: int = 0
 
 
 @dataclass
@@ -378,6 +383,12 @@ def validate(cfg: Config) -> None:
         "loss.reg_on",
         "targets: the EMA targets carry no gradient; regularise them with target.source=online",
     )
+    _check(tg.projector >= 0, "target.projector", f"{tg.projector} is negative")
+    _check(
+        tg.projector == 0 or tg.source == "online",
+        "target.projector",
+        "a projector needs target.source=online (the EMA target encoder has no copy of it)",
+    )
     _check(tg.layers <= m.depth, "target.layers", f"{tg.layers} > model.depth ({m.depth})")
     _check(
         tg.tensor != "final" or tg.layers == 1,
@@ -432,6 +443,12 @@ def resolve_batch(cfg: Config, world_size: int) -> tuple[int, int, int]:
 
 def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+# Keys added after results were recorded, each with the value that reproduces the code before
+# it. A result's fingerprint (lang_jepa.experiment) leaves such a key out while it holds that
+# value, so a new lever does not invalidate the cells recorded before it existed.
+INERT_DEFAULTS: dict[str, Any] = {"target.projector": 0}
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -152,6 +152,11 @@ def predict_hidden(run_dir: str | Path, decoder_dir: str | Path, text: str, hide
         raise DecoderError(
             f"{run_dir}: objective {run.objective!r} has no predictor (a jepa run has)"
         )
+    if run.jepa.projector is not None:
+        raise DecoderError(
+            f"{run_dir}: target.projector={run.cfg.target.projector}: the predictions live in the "
+            "projector's space, which the decoder (trained on the encoder's embeddings) cannot read"
+        )
     dec = Decoder.from_pretrained(decoder_dir, device="cpu")
     ids, offsets = dec.encoder.tokenize_document(text)
     n = len(offsets) - 1

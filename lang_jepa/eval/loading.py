@@ -72,7 +72,7 @@ def load_run(run_dir: str | Path, tag: str | None = None) -> LoadedRun:
     online: TextEncoder | None = None
     if objective.startswith("jepa"):  # jepa, jepa+mlm (its MLM head is not needed here)
         jepa.load_state_dict(
-            {k: v for k, v in state.items() if k.startswith(("encoder.", "predictor."))},
+            {k: v for k, v in state.items() if k.startswith(("encoder.", "predictor.", "projector."))},
             strict=True,
         )
         jepa.float().eval()

@@ -169,9 +169,13 @@ def batch_predictions(model: JEPA, target: TextEncoder, batch: Batch, shuffled_c
             ).float(),
         }
     feats = target_features(target, batch, autocast, target_cfg)
-    targets = pooled_targets(feats, batch)  # one target forward serves every use below
+    # one target forward serves every use below; every target-side embedding goes into the
+    # loss's space (target.projector), where the predictions are
+    targets = model.project(pooled_targets(feats, batch))
     sents = window_sentences(feats, batch) if "sent_id" in batch else None
-    copy_ctx = _copy_context(feats, batch, sents)
+    copy_ctx = model.project(_copy_context(feats, batch, sents))
+    if sents is not None:
+        sents = (model.project(sents[0]), *sents[1:])
     preds["copy_context"] = copy_ctx[:, None, :].expand_as(targets)
     preds["batch_mean"] = targets[slot_valid].mean(0).expand_as(targets)
     preds = {k: v.float().cpu() for k, v in preds.items()}  # metrics run on the CPU

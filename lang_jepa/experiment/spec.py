@@ -20,7 +20,14 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from lang_jepa.config import Config, ConfigError, load_config, resolve_batch, to_dict
+from lang_jepa.config import (
+    INERT_DEFAULTS,
+    Config,
+    ConfigError,
+    load_config,
+    resolve_batch,
+    to_dict,
+)
 from lang_jepa.shards import load_manifest
 
 # Keys the harness sets for every cell; an experiment file may not override them.
@@ -114,10 +121,16 @@ class Cell:
         config (every key, defaults included, less the run directory and the seed), the base
         config's name, whether and from what it trains, and the evaluation settings. A default
         that changes (in the code or in a preset) changes the fingerprint of every cell that
-        relied on it, so a recorded result is never taken for a setting it was not made with."""
+        relied on it, so a recorded result is never taken for a setting it was not made with.
+        A key of :data:`lang_jepa.config.INERT_DEFAULTS` at its inert value is left out (the
+        code behaves as before the key existed)."""
         resolved = to_dict(self.cfg)
         for key in ("run_dir", "seed"):
             resolved["train"].pop(key, None)
+        for key, inert in INERT_DEFAULTS.items():  # a later key at its "not used" value
+            section, name = key.split(".")
+            if resolved[section].get(name) == inert:
+                del resolved[section][name]
         blob = json.dumps({"config": resolved, "base": spec.base.config,
                            "train": self.variant.train, "eval": OmegaConf.to_container(
                                OmegaConf.structured(spec.eval)),

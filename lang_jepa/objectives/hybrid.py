@@ -28,7 +28,7 @@ class JEPAMLM(JEPA):
     logits, context features or None, window features of the clean window)."""
 
     def __init__(self, jepa: JEPA, vocab_size: int, norm_eps: float = 1e-6) -> None:
-        super().__init__(jepa.encoder, jepa.predictor, jepa.level)
+        super().__init__(jepa.encoder, jepa.predictor, jepa.level, jepa.projector)
         self.target_cfg, self.online = jepa.target_cfg, jepa.online
         dim = jepa.encoder.dim
         self.head_norm = nn.LayerNorm(dim, eps=norm_eps)

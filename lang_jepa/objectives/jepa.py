@@ -24,7 +24,7 @@ from ..config import Config, LossConfig, TargetConfig
 from ..ema import EmaSync, ema_update
 from ..metrics import stream_flops
 from ..models import Predictor, TextEncoder, build_encoder, pool_by_slot
-from ..models.layers import compile_blocks
+from ..models.layers import compile_blocks, init_weights
 from ..pretrained import load_pretrained
 from .base import (
     Batch,
@@ -46,10 +46,18 @@ class JEPA(nn.Module):
     are removed, never merely masked, so nothing of them can reach it.
     """
 
-    def __init__(self, encoder: TextEncoder, predictor: Predictor, level: str = "sentence") -> None:
+    def __init__(
+        self,
+        encoder: TextEncoder,
+        predictor: Predictor,
+        level: str = "sentence",
+        projector: nn.Module | None = None,
+    ) -> None:
         super().__init__()
         self.encoder = encoder
         self.predictor = predictor
+        # target.projector: maps the pooled targets into the loss's space (None: the identity)
+        self.projector = projector
         self.level = level  # sentence: [B, S, D] predictions; token: [B, Nt, D]
         self.return_context = False  # forward also returns the context features (loss.reg_on)
         self.target_cfg = TargetConfig()  # what the targets are (the view also sizes the FLOPs)
@@ -81,6 +89,11 @@ class JEPA(nn.Module):
             return preds, (ctx if self.return_context else None), feats
         return (preds, ctx) if self.return_context else preds
 
+    def project(self, x: Tensor) -> Tensor:
+        """Target embeddings [..., D] in the loss's space: through ``target.projector``, if any.
+        The predictor's outputs already live there."""
+        return x if self.projector is None else self.projector(x)
+
     def predict(self, batch: Batch, ctx_ids: Tensor, ctx_pos: Tensor, ctx_valid: Tensor) -> Tensor:
         """Sentence predictions [B, S, D] for ``batch``'s target sentences from the given context
         tokens (ids, positions, validity [B, Nc]): the batch's own or another one (the
@@ -109,6 +122,19 @@ class JEPA(nn.Module):
         )
 
 
+class Projector(nn.Sequential):
+    """``target.projector``: Linear(D, H), LayerNorm, GELU, Linear(H, D). The loss acts on its
+    output, so the invariances the loss teaches can stay in it while the encoder's pooled
+    embedding (the export) keeps more of its input (SimCLR's projection head)."""
+
+    def __init__(self, dim: int, hidden: int, norm_eps: float = 1e-6, init_std: float = 0.02):
+        super().__init__(
+            nn.Linear(dim, hidden), nn.LayerNorm(hidden, eps=norm_eps), nn.GELU(),
+            nn.Linear(hidden, dim),
+        )  # fmt: skip
+        init_weights(self, init_std)
+
+
 def build_models(cfg: Config, vocab_size: int) -> tuple[JEPA, TextEncoder]:
     """(trainable JEPA, fp32 target encoder initialised as an exact copy of the context encoder)."""
     m, p = cfg.model, cfg.predictor
@@ -127,7 +153,10 @@ def build_models(cfg: Config, vocab_size: int) -> tuple[JEPA, TextEncoder]:
     if m.compile:
         for stack in (encoder.stack, predictor.stack, target.stack):
             compile_blocks(stack)
-    model = JEPA(encoder, predictor, cfg.target.level)
+    projector = None
+    if cfg.target.projector > 0:
+        projector = Projector(m.dim, cfg.target.projector, m.norm_eps, m.init_std)
+    model = JEPA(encoder, predictor, cfg.target.level, projector)
     model.target_cfg, model.online = cfg.target, cfg.target.source == "online"
     return model, target
 
@@ -426,9 +455,10 @@ class JEPAObjective:
     def targets_from(self, feats: Tensor, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
         """The targets of window features [B, L, D]: X is the target sentences
         (``target.level=sentence``) or the target tokens (``token``)."""
-        sentences = pooled_targets(feats, batch)
+        project = self.module.project  # target.projector (the identity without one)
+        sentences = project(pooled_targets(feats, batch))
         if self.cfg.target.level == "token":
-            return token_targets(feats, batch), batch["tgt_valid"], sentences
+            return project(token_targets(feats, batch)), batch["tgt_valid"], sentences
         return sentences, batch["tgt_sent_valid"], sentences
 
     def loss(self, eng: Any, batch: Batch) -> tuple[Tensor, Outputs]:

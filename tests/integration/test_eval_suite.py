@@ -44,6 +44,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory, tiny_shards: Path) -> dict[st
         "jepa": [f"train.max_steps={STEPS}", "model.seq_len=128", "train.log_interval=2",
                  "train.val_interval=3", f"train.save_interval={STEPS}"],
         "mlm": ["objective=mlm", "train.max_steps=2", "train.save_interval=2", "train.val_interval=0"],
+        "proj": ["train.max_steps=2", "train.save_interval=2", "train.val_interval=0",
+                 "model.seq_len=128", "target.source=online", "target.projector=32",
+                 "loss.type=infonce", "loss.reg=sigreg", "loss.reg_on=targets",
+                 "loss.reg_weight=0.02", "optim.ema_start=0.0", "optim.ema_end=0.0"],
     }  # fmt: skip
     procs = {
         name: subprocess.Popen([*common, f"train.run_dir={root / name}", *args], cwd=REPO, env=env,
@@ -64,6 +68,31 @@ def run_dir(runs: dict[str, Path]) -> Path:
 @pytest.fixture(scope="module")
 def loaded(run_dir: Path):
     return load_run(run_dir)
+
+
+def test_a_projector_run_loads_and_is_scored_in_the_projectors_space(runs) -> None:
+    """target.projector: load_run restores the projector from the checkpoint, and the predictor
+    table compares predictions with projected targets and projected baselines."""
+    from lang_jepa import checkpoint
+    from lang_jepa.decoder.__main__ import DecoderError, predict_hidden
+
+    run = load_run(runs["proj"])
+    state = checkpoint.consolidated_state(*checkpoint.locate(runs["proj"], None))
+    proj = {k: v for k, v in state.items() if k.startswith("projector.")}
+    assert len(proj) == 6  # two Linear layers and a LayerNorm, weight and bias each
+    for k, v in proj.items():
+        torch.testing.assert_close(run.jepa.state_dict()[k], v.float())
+    batch = eval_batches(run.cfg, 1)[0]
+    shuffled, _ = shuffled_contexts([batch], 0)
+    out = batch_predictions(run.jepa, run.target, batch, shuffled[0], None, run.cfg.target)
+    with torch.no_grad():
+        want = run.jepa.project(compute_targets(run.target, batch, None, run.cfg.target))
+    torch.testing.assert_close(out["targets"], want)
+    assert out["preds"]["copy_context"].shape == want.shape
+    mrr = method_metrics([out], "model", run.cfg.loss)["within_doc_mrr"]
+    assert 0.0 < mrr <= 1.0
+    with pytest.raises(DecoderError, match="projector"):  # a decoder reads the encoder's space
+        predict_hidden(runs["proj"], runs["proj"], "One. Two.", 1)
 
 
 def test_own_context_reproduces_the_models_forward(loaded) -> None:

@@ -242,3 +242,22 @@ def test_a_changed_default_changes_the_fingerprint(tmp_path: Path, tiny_shards: 
     preset.write_text(tiny + "loss: {type: l2}\n")  # the default moves
     after = prints()
     assert after["a-s3"] != before["a-s3"] and after["b-s3"] == before["b-s3"]
+
+
+def test_a_new_key_at_its_inert_value_keeps_recorded_fingerprints(
+    tmp_path: Path, tiny_shards: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A key added after cells were recorded (config.INERT_DEFAULTS) is left out of the
+    fingerprint at the value that reproduces the code before it, and counts at any other."""
+    import lang_jepa.experiment.spec as spec_mod
+
+    online = "target.source: online, optim.ema_start: 0.0, optim.ema_end: 0.0"
+    variants = (f"  - {{name: a, overrides: {{{online}}}}}\n"
+                f"  - {{name: b, overrides: {{{online}, target.projector: 32}}}}")  # fmt: skip
+    exp_file = write_experiment(tmp_path / "t.yaml", tiny_shards, variants, tokens=5000)
+    exp = load_experiment(exp_file)
+    a, b = (c.fingerprint(exp.spec) for c in exp.all_cells)
+    assert a != b  # a projector is another setting
+    monkeypatch.setattr(spec_mod, "INERT_DEFAULTS", {})  # as if every key always counted
+    assert exp.all_cells[0].fingerprint(exp.spec) != a  # so the inert key was left out
+    assert exp.all_cells[1].fingerprint(exp.spec) == b  # and a key in use is never left out

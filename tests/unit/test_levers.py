@@ -350,3 +350,49 @@ def test_flops_count_the_online_target_backward_and_the_sentence_attention(tiny_
     model.online, model.target_cfg = False, dataclasses.replace(cfg.target, view="sentence")
     sentence_view, _ = step_flops(model, batch, recompute=False)
     assert float(ema - sentence_view) == pytest.approx(float(window - sentences), rel=1e-6)
+
+
+def test_the_projector_puts_targets_and_predictions_in_its_space(tiny_shards):
+    """target.projector: the loss, InfoNCE and SIGReg act on the projected targets; the gradient
+    reaches the projector and the encoder; the encoder (the export) holds no projector weight."""
+    cfg, _, _, batch, vocab = setup_batch(
+        tiny_shards, "target.source=online", "target.projector=48", "loss.type=infonce",
+        "loss.reg=sigreg", "loss.reg_on=targets", "loss.reg_weight=0.5", "loss.sigreg_slices=64",
+        "optim.ema_start=0.0", "optim.ema_end=0.0",
+    )  # fmt: skip
+    objective = build_objective(cfg, vocab, CPU)
+    model = objective.module
+    proj = model.projector
+    assert [type(m).__name__ for m in proj] == ["Linear", "LayerNorm", "GELU", "Linear"]
+    assert proj[0].out_features == 48 and proj[-1].out_features == cfg.model.dim
+    torch.manual_seed(2)
+    loss, outputs = objective.loss(model, batch)
+    preds, _, feats = model(batch)
+    z = proj(pooled_targets(feats, batch))  # by hand: LN(mean-pooled targets), then projected
+    valid = batch["tgt_sent_valid"]
+    from lang_jepa.objectives.jepa import sigreg_term
+
+    torch.manual_seed(2)
+    want_reg = sigreg_term(z[valid], n_dirs=64)
+    want = infonce(preds, z, valid, cfg.loss.temperature) + 0.5 * want_reg
+    assert float(loss) == pytest.approx(float(want), rel=1e-5)
+    torch.testing.assert_close(outputs.targets, z.detach())  # the monitors see the loss's space
+    assert not torch.allclose(z, pooled_targets(feats, batch), atol=1e-2)
+    model.zero_grad()
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in proj.parameters())
+    assert model.encoder.tok_emb.weight.grad.abs().sum() > 0
+    assert not any("projector" in k for k in model.encoder.state_dict())
+    # without a projector, project() is the identity
+    plain = build_objective(load_config("tiny", [f"data.shards={tiny_shards}"]), vocab, CPU)
+    assert plain.module.projector is None and plain.module.project(z) is z
+
+
+def test_the_projector_needs_online_targets(tiny_shards):
+    base = [f"data.shards={tiny_shards}"]
+    with pytest.raises(ConfigError, match="'target.projector'.*target.source=online"):
+        load_config("tiny", [*base, "target.projector=64"])
+    with pytest.raises(ConfigError, match="'target.projector'"):
+        load_config("tiny", [*base, "target.source=online", "target.projector=-1"])
+    cfg = load_config("tiny", [*base, "target.source=online", "target.projector=64"])
+    assert cfg.target.projector == 64
