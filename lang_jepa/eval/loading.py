@@ -71,10 +71,8 @@ def load_run(run_dir: str | Path, tag: str | None = None) -> LoadedRun:
     jepa, target = build_models(cfg, vocab)
     online: TextEncoder | None = None
     if objective.startswith("jepa"):  # jepa, jepa+mlm (its MLM head is not needed here)
-        jepa.load_state_dict(
-            {k: v for k, v in state.items() if k.startswith(("encoder.", "predictor.", "projector."))},
-            strict=True,
-        )
+        keep = ("encoder.", "predictor.", "projector.")  # not the hybrid's MLM head
+        jepa.load_state_dict({k: v for k, v in state.items() if k.startswith(keep)}, strict=True)
         jepa.float().eval()
         online = jepa.encoder
     else:  # e.g. mlm: only the encoder's weights are shared with the JEPA layout
