@@ -5,6 +5,7 @@
     python -m lang_jepa.decoder export RUN_DIR --out DIR [--tag TAG]
     python -m lang_jepa.decoder eval DECODER_DIR --shards DIR [--limit 500] [--out DIR]
     python -m lang_jepa.decoder predict RUN_DIR --decoder DECODER_DIR --text "..." --hide 2
+    python -m lang_jepa.decoder predict RUN_DIR --decoder DECODER_DIR [--max-batches 16] [--out DIR]
 
 ``train`` runs the repository's ``train.py`` with ``objective=decoder decoder.encoder=EXPORT``
 (the same config tree, DeepSpeed engine, checkpoints, exact resume, TensorBoard; several ranks:
@@ -13,7 +14,9 @@ checkpoint to ``RUN_DIR/export``. ``eval`` writes ``decoder_eval.json``, ``decod
 ``decoder_examples.md`` (original, reconstruction, nearest training sentence) for held-out
 sentences of the shards' ``val`` split. ``predict`` hides one sentence of a passage, predicts its
 concept with a JEPA run's predictor and prints the decoded prediction, the true sentence and the
-decoded copy-neighbour baseline.
+decoded copy-neighbour baseline; without ``--text`` it does so for every masked sentence of the
+run's validation windows and writes ``predict_eval.json``, ``predict_eval.md`` and
+``predict_examples.md`` (see :mod:`lang_jepa.decoder.predict`).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from ..encoder_api import read_export_config
 from ..shards import ShardFormatError
 from .api import Decoder, DecoderError, export_decoder
 from .metrics import cosine_rows, reconstruction_scores, token_f1
+from .predict import embed, predict_hidden, predict_markdown, predict_windows
 
 TRAIN_PY = Path(__file__).resolve().parent.parent.parent / "train.py"
 log = logging.getLogger("lang_jepa.decoder")
@@ -57,16 +61,6 @@ def held_out_sentences(shards: str | Path, split: str, limit: int, max_tokens: i
     step = max(1, len(sentences) // limit) if limit else 1
     picked = sentences[::step][:limit] if limit else sentences
     return picked, {**skipped, "available": len(sentences), "picked": len(picked)}
-
-
-def embed(dec: Decoder, ids: list[np.ndarray] | list[list[int]]) -> np.ndarray:
-    """Sentence embeddings of token-id lists (each read on its own); an empty list gives zeros."""
-    docs = [(np.asarray(i, dtype=np.int64), np.array([0, len(i)], dtype=np.int64)) for i in ids]
-    out = np.zeros((len(ids), dec.encoder.dim), dtype=np.float32)
-    keep = [k for k, (t, _) in enumerate(docs) if len(t)]
-    if keep:
-        out[keep] = dec.encoder.encode_ids([docs[k] for k in keep], level="document").numpy()
-    return out
 
 
 def evaluate(decoder_dir: str | Path, shards: str | Path, limit: int = 500, split: str = "val",
@@ -136,62 +130,21 @@ def markdown(result: dict[str, Any]) -> tuple[str, str]:
     return table, "# Reconstructions\n\n" + "\n".join(rows) + "\n"
 
 
-def predict_hidden(run_dir: str | Path, decoder_dir: str | Path, text: str, hide: int,
-                   tag: str | None = None) -> dict[str, Any]:  # fmt: skip
-    """Hide sentence ``hide`` (1-based) of ``text``, predict its concept from the rest with the run's
-    predictor, and write three sentences: the decoded prediction, the true sentence and the
-    decoded copy-neighbour baseline (the embedding of the sentence before it, or after the first)."""
-    import torch
-
-    from ..data.masking import collate_rows, mask_indices
-    from ..data.windows import Window
-    from ..eval.loading import load_run
-
-    run = load_run(run_dir, tag)
-    if run.jepa is None:
-        raise DecoderError(
-            f"{run_dir}: objective {run.objective!r} has no predictor (a jepa run has)"
-        )
-    if run.jepa.projector is not None:
-        raise DecoderError(
-            f"{run_dir}: target.projector={run.cfg.target.projector}: the predictions live in the "
-            "projector's space, which the decoder (trained on the encoder's embeddings) cannot read"
-        )
-    dec = Decoder.from_pretrained(decoder_dir, device="cpu")
-    ids, offsets = dec.encoder.tokenize_document(text)
-    n = len(offsets) - 1
-    if n < 2:
-        raise DecoderError(
-            f"--text has {n} sentence(s): at least 2 are needed (one hidden, one read)"
-        )
-    if not 1 <= hide <= n:
-        raise DecoderError(f"--hide {hide}: the text has {n} sentences (1..{n})")
-    if int(offsets[-1]) > run.cfg.model.seq_len:
-        raise DecoderError(
-            f"--text has {int(offsets[-1])} tokens, more than the run's window of {run.cfg.model.seq_len}"
-        )
-    s = hide - 1
-    window = Window("predict", 0, 0, ids, offsets)
-    batch = collate_rows(
-        [[(window, mask_indices(offsets, [[s]]))]], run.cfg.model.seq_len, packed=False
-    )
-    with torch.no_grad():
-        pred = run.jepa.predict(batch, *run.jepa.context_inputs(batch), batch["ctx_valid"])[0, 0]
-    sentence = [ids[offsets[i] : offsets[i + 1]].tolist() for i in range(n)]
-    neighbour = s - 1 if s > 0 else s + 1
-    concepts = torch.stack((pred.float(), torch.as_tensor(embed(dec, [sentence[neighbour]])[0])))
-    written = dec.generate(concepts)
-    return {
-        "hidden": hide,
-        "prediction": written[0],
-        "true": dec.decode([sentence[s]])[0],
-        "copy_neighbour": written[1],
-        "neighbour": neighbour + 1,
-        "run_step": run.step,
-    }
-
-
 def cmd_predict(args: argparse.Namespace) -> int:
+    if args.text is None:  # over the validation windows
+        result = predict_windows(args.run, args.decoder, args.max_batches, args.examples, args.tag,
+                                 args.strategy)  # fmt: skip
+        out = Path(args.out or args.decoder)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "predict_eval.json").write_text(json.dumps(result, indent=2) + "\n")
+        table, page = predict_markdown(result)
+        (out / "predict_eval.md").write_text(table)
+        (out / "predict_examples.md").write_text(page)
+        print(table)
+        return 0
+    if args.hide is None:
+        print("error: --text needs --hide (the sentence to hide, 1-based)", file=sys.stderr)
+        return 2
     r = predict_hidden(args.run, args.decoder, args.text, args.hide, args.tag)
     width = max(len("copy-neighbour"), 10)
     print(f"{'prediction':<{width}}  {r['prediction']}")
@@ -269,9 +222,15 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("predict", help="hide a sentence, predict its concept, write it")
     p.add_argument("run", help="a jepa run directory (its predictor and context encoder)")
     p.add_argument("--decoder", required=True, help="decoder export trained on that run's export")
-    p.add_argument("--text", required=True, help="a passage of at least 2 sentences")
-    p.add_argument("--hide", type=int, required=True, help="the sentence to hide, 1-based")
+    p.add_argument("--text", default=None,
+                   help="a passage of at least 2 sentences (without it: every masked sentence of "
+                   "the run's validation windows, scored)")  # fmt: skip
+    p.add_argument("--hide", type=int, default=None, help="the sentence to hide, 1-based")
     p.add_argument("--tag", default=None)
+    p.add_argument("--max-batches", type=int, default=16, help="validation batches (no --text)")
+    p.add_argument("--examples", type=int, default=12)
+    p.add_argument("--strategy", choices=("greedy", "top_p"), default="greedy")
+    p.add_argument("--out", default=None, help="where the reports go (default: the decoder dir)")
     p.set_defaults(fn=cmd_predict)
     args, extra = parser.parse_known_args(argv)
     if extra and (args.command != "train" or any("=" not in e or e.startswith("-") for e in extra)):

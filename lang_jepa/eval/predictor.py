@@ -110,13 +110,31 @@ def window_sentences(feats: Tensor, batch: Batch) -> tuple[Tensor, Tensor, Tenso
     valid = batch["valid"] & (sid >= 0)
     emb = F.layer_norm(pool_by_slot(feats, sid.clamp(min=0), valid, n), (feats.shape[-1],))
     sent_valid = (sid[..., None] == torch.arange(n, device=sid.device)).any(1)  # [B, N]
+    return emb, sent_valid, slot_sentences(batch)
+
+
+def slot_sentences(batch: Batch) -> Tensor:
+    """[B, S]: the window sentence (``sent_id``) of each target slot, -1 for padding slots."""
+    sid = batch["sent_id"]
     s = batch["tgt_sent_valid"].shape[1]
     slot_sentence = torch.full((sid.shape[0], s), -1, dtype=torch.long, device=sid.device)
     tgt_sid = gather_tokens(sid, batch["tgt_index"])
     for row in range(sid.shape[0]):
         m = batch["tgt_valid"][row]
         slot_sentence[row, batch["tgt_sent"][row][m]] = tgt_sid[row][m]
-    return emb, sent_valid, slot_sentence
+    return slot_sentence
+
+
+def neighbours(n_sentences: int, slot_sentence: list[int]) -> list[int]:
+    """For each target slot of one window (its sentence, -1 for padding), the nearest visible
+    sentence: the one before it, else the one after it; -1 for padding or no visible sentence."""
+    masked = {j for j in slot_sentence if j >= 0}
+    visible = [j for j in range(n_sentences) if j not in masked]
+    out = []
+    for j in slot_sentence:
+        before, after = [v for v in visible if v < j], [v for v in visible if v > j]
+        out.append(-1 if j < 0 or not visible else (before[-1] if before else after[0]))
+    return out
 
 
 def _copy_neighbour(emb: Tensor, sent_valid: Tensor, slot_sentence: Tensor) -> Tensor:
@@ -124,13 +142,10 @@ def _copy_neighbour(emb: Tensor, sent_valid: Tensor, slot_sentence: Tensor) -> T
     else after it); zeros when the window has no visible sentence."""
     out = torch.zeros(*slot_sentence.shape, emb.shape[-1])
     for row in range(emb.shape[0]):
-        masked = set(slot_sentence[row][slot_sentence[row] >= 0].tolist())
-        visible = [j for j in range(int(sent_valid[row].sum())) if j not in masked]
-        for slot, j in enumerate(slot_sentence[row].tolist()):
-            if j < 0 or not visible:
-                continue
-            before = [v for v in visible if v < j]
-            out[row, slot] = emb[row, before[-1] if before else min(v for v in visible if v > j)]
+        near = neighbours(int(sent_valid[row].sum()), slot_sentence[row].tolist())
+        for slot, j in enumerate(near):
+            if j >= 0:
+                out[row, slot] = emb[row, j]
     return out
 
 

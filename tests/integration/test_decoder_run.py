@@ -123,3 +123,24 @@ def test_predict_then_say_it(encoder_export: Path, tiny_shards: Path, tmp_path: 
     assert "(sentence 1)" in lines[-1]
     wrong = decoder_cli(*args, "--hide", "4")
     assert wrong.returncode == 2 and "--hide 4: the text has 3 sentences (1..3)" in wrong.stderr
+    # over the validation windows: every masked sentence scored or counted, three decodings each
+    out = tmp_path / "said"
+    table = decoder_cli("predict", str(jepa), "--decoder", str(dec_run / "export"),
+                        "--max-batches", "2", "--examples", "3", "--out", str(out))  # fmt: skip
+    assert table.returncode == 0, table.stderr[-3000:]
+    result = json.loads((out / "predict_eval.json").read_text())
+    from lang_jepa.config import load_config as load
+    from lang_jepa.eval.predictor import eval_batches
+
+    batches = eval_batches(load(str(jepa / "config.yaml")), 2)
+    masked = sum(int(b["tgt_sent_valid"].sum()) for b in batches)
+    counted = result["sentences"]
+    assert counted["scored"] > 0
+    assert counted["scored"] + sum(v for k, v in counted.items() if k != "scored") == masked
+    assert set(result["scores"]) == {"prediction", "copy_neighbour", "reconstruction"}
+    assert result["scores"]["reconstruction"]["concept_cosine"] == pytest.approx(1.0, abs=1e-5)
+    assert result["scores"]["copy_neighbour"]["concept_cosine"] < 0.999
+    assert all(0.0 <= s["token_f1"] <= 1.0 for s in result["scores"].values())
+    assert len(result["examples"]) == 3 and all(e["true"] for e in result["examples"])
+    page = (out / "predict_examples.md").read_text()
+    assert result["examples"][0]["true"] in page and "| method | token F1" in table.stdout

@@ -74,7 +74,7 @@ def test_a_projector_run_loads_and_is_scored_in_the_projectors_space(runs) -> No
     """target.projector: load_run restores the projector from the checkpoint, and the predictor
     table compares predictions with projected targets and projected baselines."""
     from lang_jepa import checkpoint
-    from lang_jepa.decoder.__main__ import DecoderError, predict_hidden
+    from lang_jepa.decoder.predict import DecoderError, predict_hidden
 
     run = load_run(runs["proj"])
     state = checkpoint.consolidated_state(*checkpoint.locate(runs["proj"], None))
