@@ -44,17 +44,19 @@ def write_json(results: dict[str, Any], out: Path) -> Path:
 
 
 def predictor_verdict(pred: dict[str, Any]) -> str:
-    """One line: does the model beat copy-context and copy-neighbour (within-document MRR, the
-    retrieval topic alone cannot win), and how much does shuffling the context cost it?"""
+    """One line: does the model beat copy-context, copy-neighbour and the length control
+    (within-document MRR, the retrieval topic alone cannot win), and how much does shuffling the
+    context cost it?"""
     m = pred["methods"]
     key = "within_doc_mrr" if "within_doc_mrr" in m["model"] else "mrr"
-    rivals = [r for r in ("copy_context", "copy_neighbour") if r in m]
-    best = max(m[r][key] for r in rivals)
+    rivals = [r for r in ("copy_context", "copy_neighbour", "length") if key in m.get(r, {})]
+    best_name = max(rivals, key=lambda r: m[r][key])
+    best = m[best_name][key]
     chance = m["model"][key.replace("mrr", "chance_mrr")]
     beats = m["model"][key] > max(best, chance)
     ratio = pred["shuffled_loss_ratio"]
     uses = "uses" if ratio > USES_CONTEXT_RATIO else "IGNORES"
-    return (f"model {key} {m['model'][key]:.3f} vs best copy baseline {best:.3f}, chance "
+    return (f"model {key} {m['model'][key]:.3f} vs best baseline ({best_name}) {best:.3f}, chance "
             f"{chance:.3f} -> {'beats' if beats else 'does NOT beat'} them; shuffled-context loss "
             f"ratio {ratio:.2f} -> the predictor {uses} the context")  # fmt: skip
 
@@ -139,7 +141,9 @@ def plot(results: dict[str, Any], out: Path) -> list[Path]:
         fig, axes = plt.subplots(1, len(cols), figsize=(3.2 * len(cols), 3.4), squeeze=False)
         for ax, (key, label) in zip(axes[0], cols, strict=True):
             ax.bar(
-                list(m), [m[x][key] for x in m], color=["C3" if x == "model" else "C0" for x in m]
+                list(m),
+                [m[x].get(key, math.nan) for x in m],
+                color=["C3" if x == "model" else "C0" for x in m],
             )
             if f"chance_{key}" in m["model"] or key.startswith("within_doc_"):
                 ck = (

@@ -10,7 +10,13 @@ For every masked (target) sentence of the validation batches, each *method* make
 - ``copy_context``: the layer-normed mean of the visible (context) sentences' target embeddings;
 - ``copy_neighbour``: the target embedding of the nearest visible sentence (the preceding one,
   else the following one); needs sentence ids, so it is left out by :func:`quick_eval`;
-- ``batch_mean``: the mean target of the batch (the loss-optimal constant: regression to the mean).
+- ``batch_mean``: the mean target of the batch (the loss-optimal constant: regression to the mean);
+- ``length`` (in-window retrieval only): the hidden sentence's length in tokens and nothing else, scored
+  against the candidates' lengths. The predictor is told where each hidden sentence is (a mask
+  token at each of its positions), so it knows its length; a window's sentences mostly differ in
+  length, so this control alone ranks the right one high within its document, and a predictor
+  must beat it there (and its own ``shuffled`` score) before its in-document score says it read
+  the context.
 
 Each method gets the held-out loss (``jepa_loss``'s prediction term) and retrieval by cosine:
 
@@ -24,6 +30,7 @@ Each method gets the held-out loss (``jepa_loss``'s prediction term) and retriev
 
 from __future__ import annotations
 
+import math
 import time
 from collections import defaultdict
 from typing import Any
@@ -197,12 +204,41 @@ def batch_predictions(model: JEPA, target: TextEncoder, batch: Batch, shuffled_c
     if sents is not None:
         sents = tuple(x.float().cpu() if x.is_floating_point() else x.cpu() for x in sents)
         preds["copy_neighbour"] = _copy_neighbour(*sents)
+    tgt_len = torch.zeros(slot_valid.shape, dtype=torch.long, device=slot_valid.device)
+    tgt_len.scatter_add_(1, batch["tgt_sent"].long(), batch["tgt_valid"].long())
+    sent_len = None
+    if "sent_id" in batch:
+        sid = batch["sent_id"]
+        sent_len = (sid[..., None] == torch.arange(int(sid.max()) + 1, device=sid.device)).sum(1)
     return {
         "targets": targets.cpu(),
         "slot_valid": slot_valid.cpu(),
         "preds": preds,
         "sents": sents,
+        "lengths": (
+            tgt_len.cpu(),
+            None if sent_len is None else sent_len.cpu(),
+            batch["input_ids"].shape[1],
+        ),
     }
+
+
+def length_space(o: dict[str, Any]) -> dict[str, Any]:
+    """One batch's outputs in a space that holds nothing but each sentence's length in tokens,
+    with the ``length`` method predicting the true length of every hidden sentence: what a
+    predictor gets from being told where the hidden sentences are (one mask token per target
+    token) without reading any context. A length L is the unit vector at angle L x pi / (2 x
+    window), so the cosine of two sentences falls as their lengths part."""
+    tgt_len, sent_len, window = o["lengths"]
+
+    def unit(n: Tensor) -> Tensor:
+        angle = n.double() * (math.pi / (2 * window))
+        return torch.stack([angle.cos(), angle.sin()], -1).float()
+
+    sents = o["sents"]
+    if sents is not None:
+        sents = (unit(sent_len), sents[1], sents[2])
+    return {**o, "targets": unit(tgt_len), "preds": {"length": unit(tgt_len)}, "sents": sents}
 
 
 def _pool_retrieval(outs: list[dict[str, Any]], method: str, pool_size: int) -> RetrievalResult:
@@ -285,6 +321,13 @@ def predictor_eval(model: JEPA, target: TextEncoder, batches: list[Batch], loss_
         model.train(was_training)
     methods = [m for m in METHODS if all(m in o["preds"] for o in outs)]
     res = {m: method_metrics(outs, m, loss_cfg, pool_size) for m in methods}
+    # the length control: retrieval by the hidden sentence's length alone, within its window (no
+    # loss, another space; no pool scores: the pool is deduplicated by embedding, which here would
+    # merge every two sentences of one length)
+    lengths = method_metrics([length_space(o) for o in outs], "length", loss_cfg, pool_size)
+    res["length"] = {
+        k: v for k, v in lengths.items() if k.startswith(("within_doc_", "within_window_"))
+    }
     t = torch.cat([o["targets"][o["slot_valid"]] for o in outs])
     p = torch.cat([o["preds"]["model"][o["slot_valid"]] for o in outs])
     # retrieval again after centring / whitening every embedding with statistics of the

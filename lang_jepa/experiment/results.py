@@ -35,6 +35,10 @@ SUMMARY = (
     ("main.lee_spearman_whitened", "Lee50 whitened"),
     ("main.rt_accuracy", "RT probe acc."),
     ("predictor.model.within_doc_mrr", "pred. in-doc MRR"),
+    # the same predictor on another document's context: what target positions and lengths alone
+    # give (the predictor is told where and how long each hidden sentence is)
+    ("predictor.shuffled.within_doc_mrr", "in-doc MRR, shuffled context"),
+    ("predictor.length.within_doc_mrr", "in-doc MRR, length alone"),
     ("predictor.model.within_doc_centred_mrr", "in-doc MRR centred"),
     ("predictor.model.within_doc_whitened_mrr", "in-doc MRR whitened"),
     ("main.effective_rank", "eff. rank"),

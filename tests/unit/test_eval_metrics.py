@@ -119,3 +119,34 @@ def test_verdict_needs_beating_the_copy_baselines_and_chance() -> None:
     pred["shuffled_loss_ratio"] = 1.0
     assert "does NOT beat" in predictor_verdict(pred)
     assert "IGNORES" in predictor_verdict(pred)
+    # the length control is a rival too: a model at 0.9 does not beat a length alone at 0.95
+    pred["methods"].update(model=method(0.9), length={"within_doc_mrr": 0.95})
+    assert "does NOT beat" in predictor_verdict(pred) and "(length) 0.950" in predictor_verdict(
+        pred
+    )
+
+
+def test_the_length_control_ranks_by_length_alone() -> None:
+    """One window of five sentences of lengths 3, 9, 4, 20, 9; sentences 0 and 3 hidden. Length 3
+    is nearest to itself (then 4): rank 1; length 20's own rank is 1 too. Two sentences of one
+    length tie (the expected rank: 1.5)."""
+    from lang_jepa.config import LossConfig
+    from lang_jepa.eval.predictor import length_space, method_metrics
+
+    lens = torch.tensor([[3, 9, 4, 20, 9]])
+    out = {
+        "targets": torch.zeros(1, 2, 4), "slot_valid": torch.ones(1, 2, dtype=torch.bool),
+        "preds": {}, "sents": (torch.zeros(1, 5, 4), torch.ones(1, 5, dtype=torch.bool),
+                               torch.tensor([[0, 3]])),
+        "lengths": (torch.tensor([[3, 20]]), lens, 32),
+    }  # fmt: skip
+    space = length_space(out)
+    cos = space["sents"][0][0] @ space["preds"]["length"][0].T  # [5 sentences, 2 queries]
+    assert cos[:, 0].argsort(descending=True)[:2].tolist() == [0, 2]  # 3 then 4
+    assert cos[:, 1].argmax().item() == 3
+    m = method_metrics([space], "length", LossConfig())
+    assert m["within_doc_mrr"] == pytest.approx(1.0)
+    tie = dict(out, lengths=(torch.tensor([[9, 20]]), lens, 32),
+               sents=(out["sents"][0], out["sents"][1], torch.tensor([[1, 3]])))  # fmt: skip
+    m = method_metrics([length_space(tie)], "length", LossConfig())
+    assert m["within_doc_mrr"] == pytest.approx((0.5 * (1 + 1 / 2) + 1.0) / 2)  # 9 ties with 9
