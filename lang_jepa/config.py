@@ -86,6 +86,12 @@ class MaskConfig:
     min_block_frac: float = 0.15  # of the window's tokens, per block
     max_block_frac: float = 0.25
     min_context_frac: float = 0.25  # the context keeps at least this share of the tokens
+    # how the predictor is told about a hidden sentence. 0: a mask token at each of its token
+    # positions (I-JEPA), so the predictor knows its length. K > 0: K query tokens per hidden
+    # sentence, and the context and the queries renumbered so that every hidden sentence spans K
+    # positions: the predictor learns where a sentence is missing, not how long it is (the
+    # target encoder still reads the window at its true positions)
+    queries: int = 0
 
 
 @dataclass
@@ -337,6 +343,13 @@ def validate(cfg: Config) -> None:
         "need 0 < min_block_frac <= max_block_frac < 1",
     )
     _check(0 <= mk.min_context_frac < 1, "mask.min_context_frac", "must be in [0, 1)")
+    _check(mk.queries >= 0, "mask.queries", f"{mk.queries} is negative")
+    _check(
+        mk.queries == 0 or (m.pos == "rope" and cfg.target.level == "sentence"),
+        "mask.queries",
+        "query tokens need model.pos=rope (renumbered positions) and target.level=sentence "
+        "(one prediction per sentence, not per token)",
+    )
     _check(
         cfg.objective in OBJECTIVE_NAMES,
         "objective",
@@ -448,7 +461,7 @@ def to_yaml(cfg: Config) -> str:
 # Keys added after results were recorded, each with the value that reproduces the code before
 # it. A result's fingerprint (lang_jepa.experiment) leaves such a key out while it holds that
 # value, so a new lever does not invalidate the cells recorded before it existed.
-INERT_DEFAULTS: dict[str, Any] = {"target.projector": 0}
+INERT_DEFAULTS: dict[str, Any] = {"target.projector": 0, "mask.queries": 0}
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -148,9 +148,13 @@ def collate_batch(spec: StreamSpec, windows: list[Window], epoch: int) -> dict[s
     masks = [mask_window(w, spec.mask, spec.seed, epoch) for w in windows]
     if spec.packing:
         return collate_arrays(
-            [list(zip(windows, masks, strict=True))], spec.micro_batch * spec.seq_len, True
+            [list(zip(windows, masks, strict=True))],
+            spec.micro_batch * spec.seq_len,
+            True,
+            spec.mask.queries,
         )
-    return collate_arrays([[wm] for wm in zip(windows, masks, strict=True)], spec.seq_len, False)
+    rows = [[wm] for wm in zip(windows, masks, strict=True)]
+    return collate_arrays(rows, spec.seq_len, False, spec.mask.queries)
 
 
 @dataclass(frozen=True)
@@ -568,7 +572,7 @@ def val_batch(windows: list[Window], spec: StreamSpec) -> Batch:
     """One window per row with its validation mask (fixed by the seed), plus ``sent_id`` [B, L]:
     each token's sentence number in its window (-1 on padding)."""
     masks = [mask_window(w, spec.mask, spec.seed, "val") for w in windows]
-    batch = collate(windows, masks, spec.seq_len)
+    batch = collate(windows, masks, spec.seq_len, spec.mask.queries)
     sent_id = torch.full_like(batch["input_ids"], -1)
     for row, w in enumerate(windows):
         lens = torch.from_numpy(np.diff(w.offsets))

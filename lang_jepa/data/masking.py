@@ -168,10 +168,30 @@ def _round_up(n: int, multiple: int, cap: int) -> int:
     return min(max(multiple, -(-n // multiple) * multiple), cap)
 
 
-def collate(windows: list[Window], masks: list[WindowMask], seq_len: int) -> dict[str, Tensor]:
+def collate(
+    windows: list[Window], masks: list[WindowMask], seq_len: int, queries: int = 0
+) -> dict[str, Tensor]:
     """One window per row, padded to ``seq_len`` (see :func:`collate_rows`, ``packed=False``)."""
     rows = [[(w, m)] for w, m in zip(windows, masks, strict=True)]
-    return collate_rows(rows, seq_len, packed=False)
+    return collate_rows(rows, seq_len, packed=False, queries=queries)
+
+
+def renumbered(window: Window, mask: WindowMask, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``mask.queries=k``: (the positions of the context tokens, the positions of the k queries
+    of each hidden sentence, in slot order [S x k]) when every hidden sentence spans k positions
+    and every visible one its own length, in window order."""
+    off = np.asarray(window.offsets, dtype=np.int64)
+    lens = np.diff(off)
+    tgt = mask.tgt_index.numpy()
+    hidden = np.zeros(len(lens), dtype=bool)
+    hidden[np.unique(np.searchsorted(off, tgt, side="right") - 1)] = True
+    span = np.where(hidden, k, lens)
+    start = np.cumsum(span) - span
+    ctx = mask.ctx_index.numpy()
+    sent = np.searchsorted(off, ctx, side="right") - 1
+    ctx_pos = start[sent] + (ctx - off[sent])
+    qry_pos = (start[hidden][:, None] + np.arange(k)[None, :]).reshape(-1)
+    return ctx_pos, qry_pos
 
 
 def _segment_bounds(lengths: list[list[int]], row_len: int) -> tuple[Tensor, int]:
@@ -199,14 +219,14 @@ def to_tensors(batch: dict[str, np.ndarray | int], pin: bool = False) -> dict[st
 
 
 def collate_rows(
-    rows: list[list[tuple[Window, WindowMask]]], row_len: int, packed: bool
+    rows: list[list[tuple[Window, WindowMask]]], row_len: int, packed: bool, queries: int = 0
 ) -> dict[str, Tensor | int]:
     """:func:`collate_arrays` as torch tensors: the batch contract."""
-    return to_tensors(collate_arrays(rows, row_len, packed))
+    return to_tensors(collate_arrays(rows, row_len, packed, queries))
 
 
 def collate_arrays(
-    rows: list[list[tuple[Window, WindowMask]]], row_len: int, packed: bool
+    rows: list[list[tuple[Window, WindowMask]]], row_len: int, packed: bool, queries: int = 0
 ) -> dict[str, np.ndarray | int]:
     """Masked windows into the batch contract (as numpy): B rows of L = ``row_len`` tokens.
 
@@ -226,6 +246,13 @@ def collate_arrays(
 
     Always: ``cu_sent`` / ``max_sent``, the same for the ``sent`` stream (B x L, each sentence of
     each window its own segment): the target encoder's sentence view.
+
+    ``queries`` = K > 0 (``mask.queries``) adds what the context encoder and the predictor read
+    instead of the true positions and one mask token per target token: ``ctx_pos`` [B, Nc] (the
+    context tokens renumbered so that every hidden sentence spans K positions, see
+    :func:`renumbered`) and ``qry_pos`` / ``qry_sent`` / ``qry_valid`` [B, Nq] (K queries per
+    hidden sentence, with their slot); the ``pred`` stream then holds each window's context and
+    its queries.
     """
     b = len(rows)
     win_lens = [[w.n_tokens for w, _ in row] for row in rows]
@@ -238,14 +265,21 @@ def collate_arrays(
         raise ValueError(f"a row holds {max(sum(r) for r in win_lens)} tokens > {row_len}")
     nc = _round_up(int(n_ctx.max()), PAD_MULTIPLE, row_len)
     nt = _round_up(int(n_tgt.max()), PAD_MULTIPLE, row_len)
+    # the predictor's second stream: the target tokens, or K queries per hidden sentence
+    pred_lens = tgt_lens if not queries else [[queries * m.n_tgt_sents for _, m in r] for r in rows]
+    n_pred = np.array([sum(r) for r in pred_lens], dtype=np.int64)
+    nq = nt if not queries else _round_up(int(n_pred.max()), PAD_MULTIPLE, queries * row_len)
     input_ids = np.zeros((b, row_len), dtype=np.int64)
     position_ids = np.zeros((b, row_len), dtype=np.int64)
     ctx_index = np.zeros((b, nc), dtype=np.int64)
     tgt_index = np.zeros((b, nt), dtype=np.int64)
     tgt_sent = np.zeros((b, nt), dtype=np.int64)
-    order = np.zeros((b, nc + nt), dtype=np.int64)
+    ctx_pos = np.zeros((b, nc), dtype=np.int64)
+    qry_pos = np.zeros((b, nq), dtype=np.int64)
+    qry_sent = np.zeros((b, nq), dtype=np.int64)
+    order = np.zeros((b, nc + nq), dtype=np.int64)
     for i, row in enumerate(rows):
-        at = c = t = p = s = 0  # running token, context, target, predictor and slot offsets
+        at = c = t = q = p = s = 0  # running token, context, target, query, predictor, slot
         for w, m in row:
             n, k, j = w.n_tokens, len(m.ctx_index), len(m.tgt_index)
             input_ids[i, at : at + n] = w.tokens
@@ -253,10 +287,15 @@ def collate_arrays(
             ctx_index[i, c : c + k] = m.ctx_index.numpy() + at
             tgt_index[i, t : t + j] = m.tgt_index.numpy() + at
             tgt_sent[i, t : t + j] = m.tgt_sent.numpy() + s
+            jq = j
+            if queries:
+                jq = queries * m.n_tgt_sents
+                ctx_pos[i, c : c + k], qry_pos[i, q : q + jq] = renumbered(w, m, queries)
+                qry_sent[i, q : q + jq] = np.repeat(np.arange(m.n_tgt_sents), queries) + s
             order[i, p : p + k] = np.arange(c, c + k)
-            order[i, p + k : p + k + j] = np.arange(nc + t, nc + t + j)
-            at, c, t, p, s = at + n, c + k, t + j, p + k + j, s + m.n_tgt_sents
-        order[i, p:] = np.concatenate((np.arange(c, nc), np.arange(nc + t, nc + nt)))
+            order[i, p + k : p + k + jq] = np.arange(nc + q, nc + q + jq)
+            at, c, t, q, p, s = at + n, c + k, t + j, q + jq, p + k + jq, s + m.n_tgt_sents
+        order[i, p:] = np.concatenate((np.arange(c, nc), np.arange(nc + q, nc + nq)))
     ar = np.arange(row_len, dtype=np.int64)
     lens = np.array([sum(r) for r in win_lens], dtype=np.int64)
     doc_index = np.array([w.doc_index for row in rows for w, _ in row], dtype=np.int64)
@@ -272,16 +311,19 @@ def collate_arrays(
         "tgt_sent_valid": np.arange(n_sents.max())[None, :] < n_sents[:, None],
         "doc_index": doc_index,
     }
+    if queries:
+        batch["ctx_pos"], batch["qry_pos"], batch["qry_sent"] = ctx_pos, qry_pos, qry_sent
+        batch["qry_valid"] = np.arange(nq)[None, :] < n_pred[:, None]
     # each sentence of each window a segment of the full stream (``target.view=sentence``)
     sent_lens = [[int(n) for w, _ in row for n in np.diff(w.offsets)] for row in rows]
     batch["cu_sent"], batch["max_sent"] = _segment_bounds(sent_lens, row_len)
     if packed:
         pred_lens = [
             [k + j for k, j in zip(a, c, strict=True)]
-            for a, c in zip(ctx_lens, tgt_lens, strict=True)
+            for a, c in zip(ctx_lens, pred_lens, strict=True)
         ]
         for name, lengths, size in (
-            ("full", win_lens, row_len), ("ctx", ctx_lens, nc), ("pred", pred_lens, nc + nt)
+            ("full", win_lens, row_len), ("ctx", ctx_lens, nc), ("pred", pred_lens, nc + nq)
         ):  # fmt: skip
             batch[f"cu_{name}"], batch[f"max_{name}"] = _segment_bounds(lengths, size)
         batch["pred_order"] = order

@@ -88,8 +88,9 @@ def predict_hidden(run_dir: str | Path, decoder_dir: str | Path, text: str, hide
     s = hide - 1
     window = Window("predict", 0, 0, ids, offsets)
     batch = collate_rows(
-        [[(window, mask_indices(offsets, [[s]]))]], run.cfg.model.seq_len, packed=False
-    )
+        [[(window, mask_indices(offsets, [[s]]))]], run.cfg.model.seq_len, packed=False,
+        queries=run.cfg.mask.queries,
+    )  # fmt: skip
     with torch.no_grad():
         pred = run.jepa.predict(batch, *run.jepa.context_inputs(batch), batch["ctx_valid"])[0, 0]
     sentence = [ids[offsets[i] : offsets[i + 1]].tolist() for i in range(n)]

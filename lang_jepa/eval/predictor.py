@@ -93,7 +93,10 @@ def shuffled_contexts(batches: list[Batch], seed: int = 0) -> tuple[list[Batch],
             d = batches[i]
             keep = d["ctx_index"][r][d["ctx_valid"][r]]
             ids.append(d["input_ids"][r][keep])
-            pos.append(d["position_ids"][r][keep])
+            if "ctx_pos" in d:  # mask.queries: the donor's renumbered context positions
+                pos.append(d["ctx_pos"][r][d["ctx_valid"][r]])
+            else:
+                pos.append(d["position_ids"][r][keep])
             k += 1
         n = max(len(x) for x in ids)
         valid = torch.stack([torch.arange(n) < len(x) for x in ids]).to(b["input_ids"].device)

@@ -72,6 +72,8 @@ class JEPA(nn.Module):
         position 0, so not even a masked-out target id enters the context encoder."""
         pad = ~batch["ctx_valid"]
         ids = gather_tokens(batch[key], batch["ctx_index"]).masked_fill(pad, 0)
+        if "ctx_pos" in batch:  # mask.queries: hidden sentences renumbered to K positions each
+            return ids, batch["ctx_pos"].masked_fill(pad, 0)
         pos = gather_tokens(batch["position_ids"], batch["ctx_index"]).masked_fill(pad, 0)
         return ids, pos
 
@@ -105,17 +107,24 @@ class JEPA(nn.Module):
     def predict_from(
         self, batch: Batch, ctx: Tensor, ctx_pos: Tensor, ctx_valid: Tensor, pool: bool
     ) -> Tensor:
-        """The predictor on context features: [B, S, D] (``pool``) or [B, Nt, D]."""
+        """The predictor on context features: [B, S, D] (``pool``) or [B, Nt, D]. Its mask tokens
+        sit at the target tokens' positions, or are ``mask.queries`` query tokens per hidden
+        sentence (``qry_*``)."""
         packing = None
         if batch_segments(batch, "ctx") is not None:
             packing = (batch["pred_order"], batch["pred_tgt"], batch_segments(batch, "pred"))
+        if "qry_pos" in batch:
+            tgt_pos, tgt_valid, tgt_sent = batch["qry_pos"], batch["qry_valid"], batch["qry_sent"]
+        else:
+            tgt_pos = gather_tokens(batch["position_ids"], batch["tgt_index"])
+            tgt_valid, tgt_sent = batch["tgt_valid"], batch["tgt_sent"]
         return self.predictor(
             ctx,
             ctx_pos=ctx_pos,
             ctx_valid=ctx_valid,
-            tgt_pos=gather_tokens(batch["position_ids"], batch["tgt_index"]),
-            tgt_valid=batch["tgt_valid"],
-            tgt_sent=batch["tgt_sent"],
+            tgt_pos=tgt_pos,
+            tgt_valid=tgt_valid,
+            tgt_sent=tgt_sent,
             n_slots=batch["tgt_sent_valid"].shape[1],
             packing=packing,
             pool=pool,
@@ -385,7 +394,7 @@ def step_flops(model: JEPA, batch: Batch, recompute: bool) -> tuple[Tensor, Tens
     enc, pred = model.encoder, model.predictor
     n_win = batch["valid"].sum(1).float()
     n_ctx = batch["ctx_valid"].sum(1).float()
-    n_tgt = batch["tgt_valid"].sum(1).float()
+    n_tgt = batch["qry_valid" if "qry_valid" in batch else "tgt_valid"].sum(1).float()
     enc_ctx = stream_flops(enc, batch, "ctx", n_ctx)
     enc_win = stream_flops(
         enc, batch, "sent" if model.target_cfg.view == "sentence" else "full", n_win

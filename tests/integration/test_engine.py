@@ -129,12 +129,13 @@ def test_global_batch_sets_accumulation_for_every_consumer(tmp_path, tiny_shards
 
 def test_online_targets_train_under_zero3_on_two_ranks(tmp_path, tiny_shards):
     """target.source=online runs the encoder twice in one forward (context, then the window for
-    the targets, then the projector); ZeRO-3 gathers its partitioned weights for both and the
+    the targets, then the projector; the predictor reads K queries per hidden sentence, packed);
+    ZeRO-3 gathers its partitioned weights for both and the
     gradient of both paths reaches them. With EMA momentum 0 the exported target is the online
     encoder itself."""
     results = run_worker(
         tmp_path, tiny_shards, 3, 2, "target.source=online", "target.view=sentence",
-        "target.projector=64", "loss.type=infonce", "loss.reg=sigreg", "loss.reg_on=targets", "loss.reg_weight=0.02",
+        "target.projector=64", "mask.queries=2", "loss.type=infonce", "loss.reg=sigreg", "loss.reg_on=targets", "loss.reg_weight=0.02",
         "optim.ema_start=0.0", "optim.ema_end=0.0",
     )  # fmt: skip
     losses = results[0]["losses"]

@@ -45,7 +45,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, tiny_shards: Path) -> dict[st
                  "train.val_interval=3", f"train.save_interval={STEPS}"],
         "mlm": ["objective=mlm", "train.max_steps=2", "train.save_interval=2", "train.val_interval=0"],
         "proj": ["train.max_steps=2", "train.save_interval=2", "train.val_interval=0",
-                 "model.seq_len=128", "target.source=online", "target.projector=32",
+                 "model.seq_len=128", "target.source=online", "target.projector=32", "mask.queries=2",
                  "loss.type=infonce", "loss.reg=sigreg", "loss.reg_on=targets",
                  "loss.reg_weight=0.02", "optim.ema_start=0.0", "optim.ema_end=0.0"],
     }  # fmt: skip
@@ -72,7 +72,9 @@ def loaded(run_dir: Path):
 
 def test_a_projector_run_loads_and_is_scored_in_the_projectors_space(runs) -> None:
     """target.projector: load_run restores the projector from the checkpoint, and the predictor
-    table compares predictions with projected targets and projected baselines."""
+    table compares predictions with projected targets and projected baselines. The run also
+    hides the hidden sentences' lengths (mask.queries): its batches carry renumbered positions and
+    the shuffled control reads another window's context at that window's renumbered positions."""
     from lang_jepa import checkpoint
     from lang_jepa.decoder.predict import DecoderError, predict_hidden
 
@@ -83,7 +85,10 @@ def test_a_projector_run_loads_and_is_scored_in_the_projectors_space(runs) -> No
     for k, v in proj.items():
         torch.testing.assert_close(run.jepa.state_dict()[k], v.float())
     batch = eval_batches(run.cfg, 1)[0]
+    assert batch["qry_pos"].shape[1] >= 2 * int(batch["tgt_sent_valid"].sum(1).max())
     shuffled, _ = shuffled_contexts([batch], 0)
+    donor = shuffled[0]["ctx_pos"][0][shuffled[0]["ctx_valid"][0]]
+    assert set(donor.tolist()) <= set(batch["ctx_pos"][batch["ctx_valid"]].tolist())
     out = batch_predictions(run.jepa, run.target, batch, shuffled[0], None, run.cfg.target)
     with torch.no_grad():
         want = run.jepa.project(compute_targets(run.target, batch, None, run.cfg.target))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -396,3 +397,50 @@ def test_the_projector_needs_online_targets(tiny_shards):
         load_config("tiny", [*base, "target.source=online", "target.projector=-1"])
     cfg = load_config("tiny", [*base, "target.source=online", "target.projector=64"])
     assert cfg.target.projector == 64
+
+
+def test_queries_hide_the_length_of_a_hidden_sentence(tiny_shards):
+    """mask.queries: the predictor's output for a window does not change when a hidden sentence
+    is made longer (its context, positions and queries stay the same); with one mask token per
+    target token (queries 0) it does. Packed rows predict what one window per row predicts."""
+    from lang_jepa.data.masking import collate_rows, mask_indices
+    from lang_jepa.data.reader import document_windows, split_shards
+    from lang_jepa.data.windows import Window, WindowCounters
+
+    cfg, model, _, _, _ = setup_batch(tiny_shards, "mask.queries=3", "data.packing=false")
+    model.eval()
+    shards = split_shards(tiny_shards, "train")
+    w = next(w for w in document_windows(shards, 96, 4, WindowCounters()) if len(w.offsets) > 4)
+    off = np.asarray(w.offsets)
+    longer_tokens = np.concatenate(
+        [w.tokens[: off[2]], w.tokens[off[1] : off[2]], w.tokens[off[2] :]]
+    )
+    longer = Window(w.doc_key, w.doc_index, w.index, longer_tokens,
+                    np.concatenate([off[:2], off[2:] + (off[2] - off[1])]))  # fmt: skip
+    preds = {}
+    for k in (3, 0):
+        for name, win in (("same", w), ("longer", longer)):
+            batch = collate_rows([[(win, mask_indices(win.offsets, [[1]]))]], 128, False, queries=k)
+            with torch.no_grad():
+                preds[k, name] = model(batch)[0, 0]
+    torch.testing.assert_close(preds[3, "same"], preds[3, "longer"], atol=0, rtol=0)
+    assert not torch.allclose(preds[0, "same"], preds[0, "longer"], atol=1e-4)
+    # packed: two windows in one row, each predicted as on its own
+    masks = [mask_indices(x.offsets, [[1]]) for x in (w, longer)]
+    rows = collate_rows([[(w, masks[0])], [(longer, masks[1])]], 128, False, queries=3)
+    packed = collate_rows([list(zip((w, longer), masks, strict=True))], 256, True, queries=3)
+    with torch.no_grad():
+        got_rows, got_packed = model(rows), model(packed)
+    torch.testing.assert_close(
+        got_packed[packed["tgt_sent_valid"]], got_rows[rows["tgt_sent_valid"]], atol=1e-5, rtol=1e-4
+    )
+
+
+def test_query_settings_are_checked(tiny_shards):
+    base = [f"data.shards={tiny_shards}"]
+    with pytest.raises(ConfigError, match="'mask.queries'.*rope"):
+        load_config("tiny", [*base, "mask.queries=2", "model.pos=learned"])
+    with pytest.raises(ConfigError, match="'mask.queries'.*target.level=sentence"):
+        load_config("tiny", [*base, "mask.queries=2", "target.level=token"])
+    with pytest.raises(ConfigError, match="'mask.queries'"):
+        load_config("tiny", [*base, "mask.queries=-1"])

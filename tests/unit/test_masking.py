@@ -167,3 +167,34 @@ def test_changing_target_tokens_never_changes_the_context_tokens():
 def test_too_short_window_is_refused():
     with pytest.raises(ValueError, match="at least 2 sentences"):
         sample_target_sentences(np.asarray([10]), CFG, torch.Generator())
+
+
+def test_queries_renumber_every_hidden_sentence_to_k_positions():
+    """Sentences of 3, 5, 2, 4 tokens, the second and the fourth hidden, K = 2: the spans are
+    3, 2, 2, 2, so the visible tokens sit at 0-2 and 5-6 and the queries at 3-4 and 7-8; a window
+    whose hidden sentences are of other lengths gives the predictor the same positions."""
+    from lang_jepa.data.masking import collate_rows, renumbered
+
+    def window(lengths: list[int]) -> Window:
+        offsets = np.asarray(_offsets(lengths))
+        return Window("d", 0, 0, np.arange(1, offsets[-1] + 1, dtype=np.uint16), offsets)
+
+    a, b = window([3, 5, 2, 4]), window([3, 9, 2, 1])
+    ma, mb = mask_indices(a.offsets, [[1], [3]]), mask_indices(b.offsets, [[1], [3]])
+    ctx_pos, qry_pos = renumbered(a, ma, 2)
+    assert ctx_pos.tolist() == [0, 1, 2, 5, 6] and qry_pos.tolist() == [3, 4, 7, 8]
+    for packed in (False, True):
+        rows = [[(a, ma)], [(b, mb)]] if not packed else [[(a, ma), (b, mb)]]
+        batch = collate_rows(rows, 48, packed, queries=2)
+        if not packed:
+            assert torch.equal(batch["ctx_pos"][0], batch["ctx_pos"][1])
+            assert torch.equal(batch["qry_pos"][0], batch["qry_pos"][1])
+        v = batch["qry_valid"]
+        assert batch["qry_sent"][v].tolist() == (
+            [0, 0, 1, 1] * 2 if not packed else [0, 0, 1, 1, 2, 2, 3, 3]
+        )
+        assert batch["qry_pos"][v].tolist() == [3, 4, 7, 8] * 2
+        # the targets are still the hidden sentences' own tokens at their true positions
+        assert int(batch["tgt_valid"].sum()) == (5 + 4) + (9 + 1)
+    without = collate_rows([[(a, ma)]], 48, False)
+    assert "qry_pos" not in without and "ctx_pos" not in without
