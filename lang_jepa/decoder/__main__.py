@@ -134,13 +134,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.text is None:  # over the validation windows
         result = predict_windows(args.run, args.decoder, args.max_batches, args.examples, args.tag,
                                  args.strategy)  # fmt: skip
-        out = Path(args.out or args.decoder)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "predict_eval.json").write_text(json.dumps(result, indent=2) + "\n")
-        table, page = predict_markdown(result)
-        (out / "predict_eval.md").write_text(table)
-        (out / "predict_examples.md").write_text(page)
-        print(table)
+        print(write_reports(result, Path(args.out or args.decoder), "predict", predict_markdown))
         return 0
     if args.hide is None:
         print("error: --text needs --hide (the sentence to hide, 1-based)", file=sys.stderr)
@@ -181,14 +175,19 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     result = evaluate(args.decoder, args.shards, args.limit, args.split, args.examples,
                       strategy=args.strategy)  # fmt: skip
-    out = Path(args.out or args.decoder)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "decoder_eval.json").write_text(json.dumps(result, indent=2) + "\n")
-    table, page = markdown(result)
-    (out / "decoder_eval.md").write_text(table)
-    (out / "decoder_examples.md").write_text(page)
-    print(table)
+    print(write_reports(result, Path(args.out or args.decoder), "decoder", markdown))
     return 0
+
+
+def write_reports(result: dict[str, Any], out: Path, prefix: str, render: Any) -> str:
+    """``PREFIX_eval.json``, ``PREFIX_eval.md`` (the table, returned) and ``PREFIX_examples.md``
+    in ``out``; ``render(result)`` gives (table, examples page)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{prefix}_eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    table, page = render(result)
+    (out / f"{prefix}_eval.md").write_text(table)
+    (out / f"{prefix}_examples.md").write_text(page)
+    return table
 
 
 def main(argv: list[str] | None = None) -> int:
