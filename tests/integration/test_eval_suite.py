@@ -191,7 +191,12 @@ def test_cli_writes_json_markdown_and_plots(run_dir: Path, tmp_path: Path) -> No
         "copy_context",
         "copy_neighbour",
         "batch_mean",
+        "length",
     }
+    # the length control: in-window scores only, at least chance (length is never worse than none)
+    length = res["predictor"]["methods"]["length"]
+    assert "loss" not in length and "mrr" not in length
+    assert length["within_doc_mrr"] >= res["predictor"]["methods"]["model"]["within_doc_chance_mrr"]
     for row in res["encoders"].values():
         assert -1.0 <= row["lee_spearman"] <= 1.0 and row["effective_rank"] >= 1.0
     md = (out / "eval.md").read_text()
