@@ -150,3 +150,21 @@ def test_the_length_control_ranks_by_length_alone() -> None:
                sents=(out["sents"][0], out["sents"][1], torch.tensor([[1, 3]])))  # fmt: skip
     m = method_metrics([length_space(tie)], "length", LossConfig())
     assert m["within_doc_mrr"] == pytest.approx((0.5 * (1 + 1 / 2) + 1.0) / 2)  # 9 ties with 9
+
+
+def test_the_harness_keeps_each_space_of_the_predictor_table_apart() -> None:
+    """The raw pool MRR is not overwritten by the centred or whitened one (their names say the
+    space: ``centred_mrr``, ``within_doc_centred_mrr``)."""
+    from lang_jepa.experiment.results import point_metrics
+
+    row = {"mrr": 0.4, "within_doc_mrr": 0.9}
+    point = {"encoders": {"target": {"lee_spearman": 0.1}},
+             "predictor": {"methods": {"model": row},
+                           "methods_centred": {"model": {"mrr": 0.2, "within_doc_mrr": 0.8}},
+                           "methods_whitened": {"model": {"mrr": 0.1, "within_doc_mrr": 0.7}},
+                           "shuffled_loss_ratio": 2.0}}  # fmt: skip
+    m = point_metrics(point)
+    assert m["predictor.model.mrr"] == 0.4 and m["predictor.model.within_doc_mrr"] == 0.9
+    assert m["predictor.model.centred_mrr"] == 0.2 and m["predictor.model.whitened_mrr"] == 0.1
+    assert m["predictor.model.within_doc_centred_mrr"] == 0.8
+    assert m["predictor.model.within_doc_whitened_mrr"] == 0.7
