@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="where finished cells' result.json and the results are copied, to be "
                         "committed (default: results/NAME/ beside the file; 'none': nowhere)")  # fmt: skip
     parser.add_argument("--poll", type=float, default=30.0, help="seconds between progress lines")
+    parser.add_argument("--figure", default=None, metavar="PNG",
+                        help="run nothing: draw the finished cells of the --only variants (every "
+                        "variant without it), in that order, into PNG")  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -57,6 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         record = None if args.record == "none" else args.record
         exp = load_experiment(args.file, args.out, args.seeds, only, record)
+        if args.figure:
+            from .runner import figure
+
+            print(figure(exp, only, args.figure))
+            return 0
         print(plan(exp), flush=True)
         if args.dry_run:
             from .runner import check_data

@@ -167,6 +167,22 @@ def publish(exp: Experiment, rt: tuple[list[str], Any] | None) -> list[Path]:
     return paths
 
 
+def figure(exp: Experiment, only: list[str] | None, path: str | Path) -> Path:
+    """The curves of the finished cells of ``only`` (every variant when None), in that order."""
+    from .results import aggregate, plot
+
+    order = only or [v.name for v in exp.spec.variants]
+    cells = [c for c in finished(exp) if c["variant"] in order]
+    if not cells:
+        raise ExperimentError(f"{exp.path}: no finished cell of {', '.join(order)}")
+    cells.sort(key=lambda c: (order.index(c["variant"]), c["seed"]))
+    info = {
+        **spec_info(exp),
+        "variants": [v for v in order if any(c["variant"] == v for c in cells)],
+    }
+    return plot(aggregate(cells, info), Path(path))
+
+
 def spec_info(exp: Experiment, rt: tuple[list[str], Any] | None = None) -> dict[str, Any]:
     chance = None if rt is None else float(max(rt[1].mean(), 1 - rt[1].mean()))
     return {"rt_chance": chance, "name": exp.spec.name, "file": str(exp.path), "budget_tokens": exp.spec.budget.tokens,

@@ -126,6 +126,10 @@ def test_experiment_end_to_end_then_nothing_reruns(
     assert printed.count("recorded, not re-run") == 2 and "starting" not in printed
     assert not (out / "t" / "jepa-s3").exists()
     assert json.loads((out / "t" / "results.json").read_text())["variants"] == res["variants"]
+    # a figure of chosen variants from the record, nothing run
+    png = tmp_path / "only-jepa.png"
+    assert main([str(exp_file), "--out", str(out), "--only", "jepa", "--figure", str(png)]) == 0
+    assert png.stat().st_size > 10_000 and not (out / "t" / "jepa-s3").exists()
 
 
 def test_killed_variant_resumes_from_its_checkpoint(tmp_path: Path, tiny_shards: Path) -> None:
