@@ -265,18 +265,18 @@ def collate_arrays(
         raise ValueError(f"a row holds {max(sum(r) for r in win_lens)} tokens > {row_len}")
     nc = _round_up(int(n_ctx.max()), PAD_MULTIPLE, row_len)
     nt = _round_up(int(n_tgt.max()), PAD_MULTIPLE, row_len)
-    # the predictor's second stream: the target tokens, or K queries per hidden sentence
-    pred_lens = tgt_lens if not queries else [[queries * m.n_tgt_sents for _, m in r] for r in rows]
-    n_pred = np.array([sum(r) for r in pred_lens], dtype=np.int64)
-    nq = nt if not queries else _round_up(int(n_pred.max()), PAD_MULTIPLE, queries * row_len)
+    # what the predictor reads after the context: the target tokens, or K queries per sentence
+    qry_lens = tgt_lens if not queries else [[queries * m.n_tgt_sents for _, m in r] for r in rows]
+    n_qry = np.array([sum(r) for r in qry_lens], dtype=np.int64)
+    nq = nt if not queries else _round_up(int(n_qry.max()), PAD_MULTIPLE, queries * row_len)
     input_ids = np.zeros((b, row_len), dtype=np.int64)
     position_ids = np.zeros((b, row_len), dtype=np.int64)
     ctx_index = np.zeros((b, nc), dtype=np.int64)
     tgt_index = np.zeros((b, nt), dtype=np.int64)
     tgt_sent = np.zeros((b, nt), dtype=np.int64)
-    ctx_pos = np.zeros((b, nc), dtype=np.int64)
-    qry_pos = np.zeros((b, nq), dtype=np.int64)
-    qry_sent = np.zeros((b, nq), dtype=np.int64)
+    ctx_pos = np.zeros((b, nc if queries else 0), dtype=np.int64)  # filled with queries only
+    qry_pos = np.zeros((b, nq if queries else 0), dtype=np.int64)
+    qry_sent = np.zeros_like(qry_pos)
     order = np.zeros((b, nc + nq), dtype=np.int64)
     for i, row in enumerate(rows):
         at = c = t = q = p = s = 0  # running token, context, target, query, predictor, slot
@@ -313,14 +313,14 @@ def collate_arrays(
     }
     if queries:
         batch["ctx_pos"], batch["qry_pos"], batch["qry_sent"] = ctx_pos, qry_pos, qry_sent
-        batch["qry_valid"] = np.arange(nq)[None, :] < n_pred[:, None]
+        batch["qry_valid"] = np.arange(nq)[None, :] < n_qry[:, None]
     # each sentence of each window a segment of the full stream (``target.view=sentence``)
     sent_lens = [[int(n) for w, _ in row for n in np.diff(w.offsets)] for row in rows]
     batch["cu_sent"], batch["max_sent"] = _segment_bounds(sent_lens, row_len)
     if packed:
         pred_lens = [
             [k + j for k, j in zip(a, c, strict=True)]
-            for a, c in zip(ctx_lens, pred_lens, strict=True)
+            for a, c in zip(ctx_lens, qry_lens, strict=True)
         ]
         for name, lengths, size in (
             ("full", win_lens, row_len), ("ctx", ctx_lens, nc), ("pred", pred_lens, nc + nq)

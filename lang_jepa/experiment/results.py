@@ -63,13 +63,10 @@ def point_metrics(point: dict[str, Any]) -> dict[str, float]:
             for method, row in pred.get(space, {}).items():
                 for k, v in row.items():
                     key = k  # the raw space's names; the others' carry the space in the name
-                    if suffix:
-                        within = k.startswith("within_doc_")
-                        key = (
-                            k.replace("within_doc_", f"within_doc_{suffix}_")
-                            if within
-                            else f"{suffix}_{k}"
-                        )
+                    if suffix and k.startswith("within_doc_"):
+                        key = k.replace("within_doc_", f"within_doc_{suffix}_")
+                    elif suffix:
+                        key = f"{suffix}_{k}"
                     out[f"predictor.{method}.{key}"] = float(v)
         out["predictor.shuffled_loss_ratio"] = float(pred["shuffled_loss_ratio"])
         for which, row in pred.get("health", {}).items():
