@@ -125,6 +125,10 @@ class LossConfig:
     # other targets are the hard negatives); added with this weight to a regression type
     infonce_weight: float = 0.0
     temperature: float = 0.1
+    # InfoNCE's candidates. batch: every target of the micro-batch (the same window's among them).
+    # window: the same window's other targets only, so that a prediction must tell the hidden
+    # sentences of one window apart, which the topic of the document cannot do
+    negatives: str = "batch"
     reg: str = "none"  # none | vicreg | sigreg
     # predictions | context (the context encoder's token features) | targets (the target-sentence
     # embeddings: the encoder's own pooled embeddings under target.source=online), or several
@@ -369,6 +373,16 @@ def validate(cfg: Config) -> None:
         "loss.type",
         f"{cfg.loss.type!r} is not smooth_l1 | l2 | cosine | infonce",
     )
+    _check(
+        cfg.loss.negatives in ("batch", "window"),
+        "loss.negatives",
+        f"{cfg.loss.negatives!r} is not batch | window",
+    )
+    _check(
+        cfg.loss.negatives == "batch" or cfg.loss.type == "infonce" or cfg.loss.infonce_weight > 0,
+        "loss.negatives",
+        "window negatives need InfoNCE (loss.type=infonce or loss.infonce_weight > 0)",
+    )
     _check(cfg.loss.reg in ("none", "vicreg", "sigreg"), "loss.reg", f"{cfg.loss.reg!r} unknown")
     reg_on = cfg.loss.reg_on.split("+")
     _check(
@@ -461,7 +475,11 @@ def to_yaml(cfg: Config) -> str:
 # Keys added after results were recorded, each with the value that reproduces the code before
 # it. A result's fingerprint (lang_jepa.experiment) leaves such a key out while it holds that
 # value, so a new lever does not invalidate the cells recorded before it existed.
-INERT_DEFAULTS: dict[str, Any] = {"target.projector": 0, "mask.queries": 0}
+INERT_DEFAULTS: dict[str, Any] = {
+    "target.projector": 0,
+    "mask.queries": 0,
+    "loss.negatives": "batch",
+}
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -234,8 +234,9 @@ def collate_arrays(
     ``input_ids`` [B, L] (0-padded), ``valid`` [B, L], ``position_ids`` [B, L] (0..n-1 within each
     window, 0 on padding), ``ctx_index`` / ``ctx_valid`` [B, Nc], ``tgt_index`` / ``tgt_sent`` /
     ``tgt_valid`` [B, Nt] (index paddings are 0; ``tgt_sent`` numbers the row's target sentences
-    0..S-1 across its windows), ``tgt_sent_valid`` [B, S], ``doc_index`` [W] (one per window, in
-    row order). Nc and Nt are the batch maxima rounded up to a multiple of 8 (at most L).
+    0..S-1 across its windows), ``tgt_sent_valid`` [B, S], ``tgt_sent_win`` [B, S] (the window of
+    each target sentence, numbered 0..W-1 over the batch in row order; -1 on padding),
+    ``doc_index`` [W] (one per window, in row order). Nc and Nt are the batch maxima rounded up to a multiple of 8 (at most L).
 
     ``packed`` (several windows per row) adds what keeps the windows apart, for three token
     streams: the window (``full``, B x L), the context (``ctx``, B x Nc) and the predictor's input
@@ -274,14 +275,18 @@ def collate_arrays(
     ctx_index = np.zeros((b, nc), dtype=np.int64)
     tgt_index = np.zeros((b, nt), dtype=np.int64)
     tgt_sent = np.zeros((b, nt), dtype=np.int64)
+    tgt_sent_win = np.full((b, int(n_sents.max())), -1, dtype=np.int64)
     ctx_pos = np.zeros((b, nc if queries else 0), dtype=np.int64)  # filled with queries only
     qry_pos = np.zeros((b, nq if queries else 0), dtype=np.int64)
     qry_sent = np.zeros_like(qry_pos)
     order = np.zeros((b, nc + nq), dtype=np.int64)
+    n_win = 0  # windows laid out so far (rows before this one included)
     for i, row in enumerate(rows):
         at = c = t = q = p = s = 0  # running token, context, target, query, predictor, slot
         for w, m in row:
             n, k, j = w.n_tokens, len(m.ctx_index), len(m.tgt_index)
+            tgt_sent_win[i, s : s + m.n_tgt_sents] = n_win
+            n_win += 1
             input_ids[i, at : at + n] = w.tokens
             position_ids[i, at : at + n] = np.arange(n)
             ctx_index[i, c : c + k] = m.ctx_index.numpy() + at
@@ -309,6 +314,7 @@ def collate_arrays(
         "tgt_valid": ar[None, :nt] < n_tgt[:, None],
         "tgt_sent": tgt_sent,
         "tgt_sent_valid": np.arange(n_sents.max())[None, :] < n_sents[:, None],
+        "tgt_sent_win": tgt_sent_win,
         "doc_index": doc_index,
     }
     if queries:

@@ -216,6 +216,7 @@ def batch_predictions(model: JEPA, target: TextEncoder, batch: Batch, shuffled_c
     return {
         "targets": targets.cpu(),
         "slot_valid": slot_valid.cpu(),
+        "groups": _cpu(batch.get("tgt_sent_win")),  # each slot's window (loss.negatives=window)
         "preds": preds,
         "sents": sents,
         "lengths": (
@@ -242,6 +243,10 @@ def length_space(o: dict[str, Any]) -> dict[str, Any]:
     if sents is not None:
         sents = (unit(sent_len), sents[1], sents[2])
     return {**o, "targets": unit(tgt_len), "preds": {"length": unit(tgt_len)}, "sents": sents}
+
+
+def _cpu(x: Tensor | None) -> Tensor | None:
+    return None if x is None else x.cpu()
 
 
 def _pool_retrieval(outs: list[dict[str, Any]], method: str, pool_size: int) -> RetrievalResult:
@@ -277,10 +282,11 @@ def _local_retrieval(o: dict[str, Any], method: str, within_doc: bool) -> Retrie
 def method_metrics(outs: list[dict[str, Any]], method: str, loss_cfg: LossConfig,
                    pool_size: int = 256) -> dict[str, float]:  # fmt: skip
     """Loss (mean over batches, as ``val/loss``) and retrieval summaries of one method."""
-    losses = [
-        jepa_loss(o["preds"][method], o["targets"], o["slot_valid"], loss_cfg)[1]["pred_loss"]
-        for o in outs
-    ]
+    losses = []
+    for o in outs:
+        pred, groups = o["preds"][method], o.get("groups")
+        _, parts = jepa_loss(pred, o["targets"], o["slot_valid"], loss_cfg, groups=groups)
+        losses.append(parts["pred_loss"])
     out = {"loss": float(torch.stack(losses).mean())}
     pool = _pool_retrieval(outs, method, pool_size)
     out.update(pool.summary())

@@ -287,19 +287,36 @@ def sigreg_term(z: Tensor, generator: torch.Generator | None = None, n_dirs: int
     return (err * weight).sum(-1).mean() * z.shape[0]
 
 
-def infonce(pred: Tensor, target: Tensor, valid: Tensor, temperature: float) -> Tensor:
+def infonce(
+    pred: Tensor, target: Tensor, valid: Tensor, temperature: float, group: Tensor | None = None
+) -> Tensor:
     """Contrastive prediction: each valid prediction is scored (cosine / ``temperature``) against
     every valid target of the micro-batch, its own being the right one; the same window's other
-    targets are the hardest negatives. pred, target [B, X, D]; valid [B, X]. Mean cross-entropy
-    over the valid predictions (fp32); a mean prediction scores log(number of targets)."""
+    targets are the hardest negatives. pred, target [B, X, D]; valid [B, X]. ``group`` [B, X]
+    (``loss.negatives=window``: each slot's window) keeps to the targets of the prediction's own
+    group. Mean cross-entropy over the valid predictions (fp32); a mean prediction scores
+    log(number of candidates)."""
     p = F.normalize(pred.float().flatten(0, 1), dim=-1)
     t = F.normalize(target.float().flatten(0, 1), dim=-1)
     v = valid.flatten()
     logits = (p @ t.T) / temperature
-    logits = logits.masked_fill(~v[None, :], -1e4)  # finite: no NaN when a row has no target
+    keep = v[None, :].expand_as(logits)
+    if group is not None:
+        g = group.flatten()
+        keep = keep & (g[:, None] == g[None, :])
+    logits = logits.masked_fill(~keep, -1e4)  # finite: no NaN when a row has no target
     ce = F.cross_entropy(logits, torch.arange(len(v), device=v.device), reduction="none")
     w = v.float()
     return (ce * w).sum() / w.sum().clamp(min=1.0)
+
+
+def slot_groups(batch: Batch, level: str) -> Tensor | None:
+    """The window of each loss slot [B, X] (``loss.negatives=window``): of each target sentence
+    (``tgt_sent_win``), or of each target token (its sentence's); None if the batch lacks it."""
+    groups = batch.get("tgt_sent_win")
+    if groups is not None and level == "token":
+        return torch.gather(groups, 1, batch["tgt_sent"])
+    return groups
 
 
 def reg_sets(cfg: LossConfig) -> tuple[str, ...]:
@@ -313,17 +330,23 @@ def jepa_loss(
     valid: Tensor,
     cfg: LossConfig,
     context: tuple[Tensor, Tensor] | None = None,
+    groups: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Mean loss over the valid target slots (sentences [B, S] or tokens [B, Nt]), plus InfoNCE
     (``loss.infonce_weight``, or alone with ``loss.type=infonce``) and an optional regulariser on
     the predictions or on the context features (``context``: features [B, Nc, D], valid).
+    ``groups`` [B, X]: each slot's window, which ``loss.negatives=window`` needs.
 
     pred, target [B, X, D]; valid [B, X]. Returns (loss, {"pred_loss", "reg"[, "infonce"]}), fp32.
     """
     pred, target = pred.float(), target.float()
     parts: dict[str, Tensor] = {}
+    if cfg.negatives == "batch":
+        groups = None
+    elif groups is None:
+        raise ValueError("loss.negatives=window needs each slot's window (groups)")
     if cfg.type == "infonce":
-        pred_loss = infonce(pred, target, valid, cfg.temperature)
+        pred_loss = infonce(pred, target, valid, cfg.temperature, groups)
     else:
         if cfg.type == "smooth_l1":
             per = F.smooth_l1_loss(pred, target, reduction="none", beta=cfg.smooth_l1_beta).mean(-1)
@@ -334,7 +357,7 @@ def jepa_loss(
         weights = valid.float()
         pred_loss = (per * weights).sum() / weights.sum().clamp(min=1.0)
         if cfg.infonce_weight > 0:
-            nce = infonce(pred, target, valid, cfg.temperature)
+            nce = infonce(pred, target, valid, cfg.temperature, groups)
             parts["infonce"] = nce.detach()
             pred_loss = pred_loss + cfg.infonce_weight * nce
     reg = pred_loss.new_zeros(())
@@ -485,7 +508,8 @@ class JEPAObjective:
             preds, ctx = out if self.module.return_context else (out, None)
         with phase("loss"):  # 3. loss in embedding space
             context = None if ctx is None else (ctx, batch["ctx_valid"])
-            loss, parts = jepa_loss(preds, targets, valid, self.cfg.loss, context)
+            groups = slot_groups(batch, self.cfg.target.level)
+            loss, parts = jepa_loss(preds, targets, valid, self.cfg.loss, context, groups)
         return loss, self.outputs(preds, sentences, batch, parts)
 
     def outputs(self, preds: Tensor, sentences: Tensor, batch: Batch, parts: dict) -> Outputs:

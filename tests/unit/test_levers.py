@@ -55,6 +55,61 @@ def test_infonce_as_a_loss_type_and_mixed_with_the_regression(tiny_shards):
     assert float(loss) == pytest.approx(float(infonce(pred, target, valid, 0.1)), rel=1e-6)
 
 
+def test_window_negatives_rank_only_the_same_windows_targets():
+    # two windows of 3 targets; the same 3 orthogonal directions in each, so the batch holds, for
+    # every target, an exact copy of it in the other window
+    d = 8
+    target = torch.eye(d)[:3].repeat(2, 1, 1) * 3.0
+    valid = torch.ones(2, 3, dtype=torch.bool)
+    groups = torch.tensor([[0, 0, 0], [1, 1, 1]])
+    # over the batch a perfect prediction ties with its copy: log 2
+    assert float(infonce(target, target, valid, 0.01)) == pytest.approx(math.log(2), rel=1e-4)
+    # within its window it is the only match
+    assert float(infonce(target, target, valid, 0.01, groups)) < 1e-6
+    # the window's mean prediction scores log(window's targets), not log(batch's)
+    mean = target.mean(1, keepdim=True).expand_as(target)
+    assert float(infonce(mean, target, valid, 0.05, groups)) == pytest.approx(math.log(3), rel=1e-5)
+    valid[1, 2] = False  # an invalid slot is neither query nor candidate
+    nce = infonce(mean, target, valid, 0.05, groups)
+    mean1 = target[1, :2].mean(0)
+    want = (3 * math.log(3) + 2 * float(F.cross_entropy(
+        (F.normalize(mean1, dim=0) @ F.normalize(target[1, :2], dim=-1).T)[None] / 0.05,
+        torch.tensor([0]),
+    ))) / 5  # fmt: skip
+    assert float(nce) == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_window_negatives_follow_the_windows_of_a_packed_row(tiny_shards, packing):
+    cfg, _, _, batch, vocab = setup_batch(
+        tiny_shards, "loss.type=infonce", "loss.negatives=window", f"data.packing={packing}"
+    )
+    win, sent_valid = batch["tgt_sent_win"], batch["tgt_sent_valid"]
+    n_windows = len(batch["doc_index"])
+    assert bool((win[sent_valid] >= 0).all()) and bool((win[~sent_valid] == -1).all())
+    # every window owns a run of slots, in order, and every window has at least one
+    assert sorted(set(win[sent_valid].tolist())) == list(range(n_windows))
+    assert bool((win[sent_valid].diff() >= 0).all())
+    if packing:
+        assert batch["input_ids"].shape[0] < n_windows  # several windows share a row
+    preds, targets = torch.randn(*sent_valid.shape, 16), torch.randn(*sent_valid.shape, 16)
+    loss, _ = jepa_loss(preds, targets, sent_valid, cfg.loss, groups=win)
+    # by hand: each window's slots alone, the cross-entropies averaged over all slots
+    ces = []
+    for w in range(n_windows):
+        m = (win == w) & sent_valid
+        p, t = F.normalize(preds[m], dim=-1), F.normalize(targets[m], dim=-1)
+        ces.append(F.cross_entropy(p @ t.T / cfg.loss.temperature, torch.arange(len(p)),
+                                   reduction="sum"))  # fmt: skip
+    assert float(loss) == pytest.approx(float(sum(ces) / sent_valid.sum()), rel=1e-5)
+    with pytest.raises(ValueError, match="groups"):
+        jepa_loss(preds, targets, sent_valid, cfg.loss)
+    # the objective hands the windows over itself
+    objective = build_objective(cfg, vocab, CPU)
+    loss, outputs = objective.loss(objective.module, batch)
+    assert torch.isfinite(loss) and float(outputs.parts["pred_loss"]) > 0
+
+
 @pytest.mark.parametrize("tensor", ["block", "ffn"])
 @pytest.mark.parametrize("norm", ["layer", "instance", "none"])
 def test_top_k_targets_equal_averaging_the_layers_by_hand(tiny_shards, tensor, norm):
@@ -259,7 +314,9 @@ def test_lever_settings_are_checked(tiny_shards):
                      ("loss.type=hinge", "loss.type"), ("loss.temperature=0", "loss.temperature"),
                      ("loss.reg_on=tokens", "loss.reg_on"), ("objective=jepa+vae", "objective"),
                      ("loss.reg_on=context+context", "loss.reg_on"),
-                     ("target.view=page", "target.view"), ("target.source=teacher", "target.source")]:  # fmt: skip
+                     ("target.view=page", "target.view"), ("target.source=teacher", "target.source"),
+                     ("loss.negatives=doc", "loss.negatives"),
+                     ("loss.negatives=window", "loss.negatives")]:  # fmt: skip
         with pytest.raises(ConfigError, match=f"'{key}'"):
             load_config("tiny", [*base, bad])
     # SIGReg on EMA targets would regularise nothing (they carry no gradient)
