@@ -92,6 +92,10 @@ class MaskConfig:
     # positions: the predictor learns where a sentence is missing, not how long it is (the
     # target encoder still reads the window at its true positions)
     queries: int = 0
+    # multi-mask (data2vec 2.0): M mask draws of every training window, each laid out as its own
+    # row(s) of context and predictions, while the target encoder reads the window once for all
+    # of them (the validation batches keep one draw)
+    draws: int = 1
 
 
 @dataclass
@@ -348,6 +352,12 @@ def validate(cfg: Config) -> None:
     )
     _check(0 <= mk.min_context_frac < 1, "mask.min_context_frac", "must be in [0, 1)")
     _check(mk.queries >= 0, "mask.queries", f"{mk.queries} is negative")
+    _check(mk.draws >= 1, "mask.draws", f"{mk.draws} is not a positive number of draws")
+    _check(
+        mk.draws == 1 or cfg.objective == "jepa",
+        "mask.draws",
+        f"several draws need objective=jepa, not {cfg.objective!r}",
+    )
     _check(
         mk.queries == 0 or (m.pos == "rope" and cfg.target.level == "sentence"),
         "mask.queries",
@@ -479,6 +489,7 @@ INERT_DEFAULTS: dict[str, Any] = {
     "target.projector": 0,
     "mask.queries": 0,
     "loss.negatives": "batch",
+    "mask.draws": 1,
 }
 
 

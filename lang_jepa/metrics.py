@@ -195,10 +195,11 @@ class Accumulators:
         finite = torch.isfinite(loss.detach())
         self.loss += torch.where(finite, loss.detach(), 0.0)
         self.finite += finite.float()
-        self.tokens += batch["valid"].sum()
+        draws = batch.get("draws", 1)  # mask.draws: each window counted once, not per draw
+        self.tokens += batch["valid"].sum() // draws
         self.model_flops += flops
-        self.samples += batch["doc_index"].shape[0]  # windows
-        self.slots += batch["valid"].numel()
+        self.samples += batch["doc_index"].shape[0] // draws  # windows
+        self.slots += batch["valid"].numel() // draws
         self.micro_steps += 1
 
 

@@ -46,7 +46,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from lang_jepa.config import Config, MaskConfig
-from lang_jepa.data.masking import collate, collate_arrays, mask_window, to_tensors
+from lang_jepa.data.masking import collate, collate_arrays, mask_draws, mask_window, to_tensors
 from lang_jepa.data.reader import (
     ShardInfo,
     check_tokenizer,
@@ -86,6 +86,7 @@ class StreamSpec:
     seed: int
     mask: MaskConfig
     packing: bool = False
+    split: str = "train"
 
     @classmethod
     def from_config(cls, cfg: Config, split: str) -> StreamSpec:
@@ -98,6 +99,7 @@ class StreamSpec:
             seed=cfg.train.seed,
             mask=cfg.mask,
             packing=cfg.data.packing and split == "train",
+            split=split,
         )
 
 
@@ -144,17 +146,17 @@ def window_batches(spec: StreamSpec, windows: Iterator[Window]) -> Iterator[list
 
 def collate_batch(spec: StreamSpec, windows: list[Window], epoch: int) -> dict[str, Any]:
     """Mask each window (hash-seeded) and collate to numpy arrays: one packed row, or one row
-    per window."""
-    masks = [mask_window(w, spec.mask, spec.seed, epoch) for w in windows]
+    per window. With ``mask.draws`` = M > 1 (training only) every row is laid out M times, the
+    m-th copy with each window's m-th mask draw, copies adjacent (rows r*M .. r*M + M - 1)."""
+    draws = spec.mask.draws if spec.split == "train" else 1
+    masks = [mask_draws(w, spec.mask, spec.seed, epoch, draws) for w in windows]
     if spec.packing:
-        return collate_arrays(
-            [list(zip(windows, masks, strict=True))],
-            spec.micro_batch * spec.seq_len,
-            True,
-            spec.mask.queries,
-        )
-    rows = [[wm] for wm in zip(windows, masks, strict=True)]
-    return collate_arrays(rows, spec.seq_len, False, spec.mask.queries)
+        rows = [[(w, m[d]) for w, m in zip(windows, masks, strict=True)] for d in range(draws)]
+        row_len = spec.micro_batch * spec.seq_len
+    else:
+        rows = [[(w, m[d])] for w, m in zip(windows, masks, strict=True) for d in range(draws)]
+        row_len = spec.seq_len
+    return collate_arrays(rows, row_len, spec.packing, spec.mask.queries, draws)
 
 
 @dataclass(frozen=True)

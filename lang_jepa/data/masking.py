@@ -159,9 +159,19 @@ def mask_indices(offsets: np.ndarray | Tensor, blocks: list[list[int]]) -> Windo
 
 def mask_window(window: Window, cfg: MaskConfig, seed: int, epoch: int | str) -> WindowMask:
     """Sample and index the mask of one window with its hash-derived generator."""
+    return mask_draws(window, cfg, seed, epoch, 1)[0]
+
+
+def mask_draws(
+    window: Window, cfg: MaskConfig, seed: int, epoch: int | str, draws: int
+) -> list[WindowMask]:
+    """``draws`` masks of one window, drawn one after another from its hash-derived generator
+    (the first is :func:`mask_window`'s)."""
     g = window_generator(seed, epoch, window.doc_key, window.index)
-    blocks = sample_target_sentences(np.diff(window.offsets), cfg, g)
-    return mask_indices(window.offsets, blocks)
+    lengths = np.diff(window.offsets)
+    return [
+        mask_indices(window.offsets, sample_target_sentences(lengths, cfg, g)) for _ in range(draws)
+    ]
 
 
 def _round_up(n: int, multiple: int, cap: int) -> int:
@@ -219,14 +229,22 @@ def to_tensors(batch: dict[str, np.ndarray | int], pin: bool = False) -> dict[st
 
 
 def collate_rows(
-    rows: list[list[tuple[Window, WindowMask]]], row_len: int, packed: bool, queries: int = 0
+    rows: list[list[tuple[Window, WindowMask]]],
+    row_len: int,
+    packed: bool,
+    queries: int = 0,
+    draws: int = 1,
 ) -> dict[str, Tensor | int]:
     """:func:`collate_arrays` as torch tensors: the batch contract."""
-    return to_tensors(collate_arrays(rows, row_len, packed, queries))
+    return to_tensors(collate_arrays(rows, row_len, packed, queries, draws))
 
 
 def collate_arrays(
-    rows: list[list[tuple[Window, WindowMask]]], row_len: int, packed: bool, queries: int = 0
+    rows: list[list[tuple[Window, WindowMask]]],
+    row_len: int,
+    packed: bool,
+    queries: int = 0,
+    draws: int = 1,
 ) -> dict[str, np.ndarray | int]:
     """Masked windows into the batch contract (as numpy): B rows of L = ``row_len`` tokens.
 
@@ -254,8 +272,20 @@ def collate_arrays(
     :func:`renumbered`) and ``qry_pos`` / ``qry_sent`` / ``qry_valid`` [B, Nq] (K queries per
     hidden sentence, with their slot); the ``pred`` stream then holds each window's context and
     its queries.
+
+    ``draws`` = M > 1 (``mask.draws``): the rows come in groups of M copies of the same windows,
+    each with its own masks (rows r*M .. r*M + M - 1); the batch says so with ``draws`` = M (int),
+    and the target encoder reads only the first row of each group (:func:`window_rows`).
     """
     b = len(rows)
+    if draws > 1:
+        if b % draws:
+            raise ValueError(f"{b} rows are not groups of mask.draws={draws} copies")
+        for r in range(0, b, draws):
+            first = [(w.doc_key, w.index) for w, _ in rows[r]]
+            for copy in rows[r + 1 : r + draws]:
+                if [(w.doc_key, w.index) for w, _ in copy] != first:
+                    raise ValueError(f"rows {r}..{r + draws - 1} are not copies of one window set")
     win_lens = [[w.n_tokens for w, _ in row] for row in rows]
     ctx_lens = [[len(m.ctx_index) for _, m in row] for row in rows]
     tgt_lens = [[len(m.tgt_index) for _, m in row] for row in rows]
@@ -317,6 +347,8 @@ def collate_arrays(
         "tgt_sent_win": tgt_sent_win,
         "doc_index": doc_index,
     }
+    if draws > 1:
+        batch["draws"] = draws
     if queries:
         batch["ctx_pos"], batch["qry_pos"], batch["qry_sent"] = ctx_pos, qry_pos, qry_sent
         batch["qry_valid"] = np.arange(nq)[None, :] < n_qry[:, None]

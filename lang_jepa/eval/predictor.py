@@ -50,6 +50,7 @@ from lang_jepa.objectives import (
     pooled_targets,
     target_features,
 )
+from lang_jepa.objectives.jepa import same_window
 
 from .metrics import (
     RetrievalResult,
@@ -216,7 +217,7 @@ def batch_predictions(model: JEPA, target: TextEncoder, batch: Batch, shuffled_c
     return {
         "targets": targets.cpu(),
         "slot_valid": slot_valid.cpu(),
-        "groups": _cpu(batch.get("tgt_sent_win")),  # each slot's window (loss.negatives=window)
+        "groups": batch["tgt_sent_win"].cpu(),  # each slot's window (loss.negatives=window)
         "preds": preds,
         "sents": sents,
         "lengths": (
@@ -243,10 +244,6 @@ def length_space(o: dict[str, Any]) -> dict[str, Any]:
     if sents is not None:
         sents = (unit(sent_len), sents[1], sents[2])
     return {**o, "targets": unit(tgt_len), "preds": {"length": unit(tgt_len)}, "sents": sents}
-
-
-def _cpu(x: Tensor | None) -> Tensor | None:
-    return None if x is None else x.cpu()
 
 
 def _pool_retrieval(outs: list[dict[str, Any]], method: str, pool_size: int) -> RetrievalResult:
@@ -284,8 +281,12 @@ def method_metrics(outs: list[dict[str, Any]], method: str, loss_cfg: LossConfig
     """Loss (mean over batches, as ``val/loss``) and retrieval summaries of one method."""
     losses = []
     for o in outs:
-        pred, groups = o["preds"][method], o.get("groups")
-        _, parts = jepa_loss(pred, o["targets"], o["slot_valid"], loss_cfg, groups=groups)
+        keep = None  # loss.negatives=window: each slot's own window's targets
+        if loss_cfg.negatives == "window":
+            keep = same_window(o["groups"])
+        _, parts = jepa_loss(
+            o["preds"][method], o["targets"], o["slot_valid"], loss_cfg, None, keep
+        )
         losses.append(parts["pred_loss"])
     out = {"loss": float(torch.stack(losses).mean())}
     pool = _pool_retrieval(outs, method, pool_size)

@@ -133,6 +133,27 @@ def batch_segments(batch: Batch, stream: str) -> Segments | None:
     return Segments(batch[f"cu_{stream}"], batch[f"max_{stream}"], batch[shape].numel())
 
 
+def window_rows(batch: Batch) -> Batch:
+    """What the target encoder reads: the window stream (``input_ids``, ``position_ids``,
+    ``valid`` and the ``full`` and ``sent`` segments) of the first row of each group of
+    ``mask.draws`` copies, or the batch itself with one draw."""
+    draws = batch.get("draws", 1)
+    if draws == 1:
+        return batch
+    once: Batch = {k: batch[k][::draws] for k in ("input_ids", "position_ids", "valid")}
+    length = batch["input_ids"].shape[1]
+    for stream in ("full", "sent"):
+        if f"cu_{stream}" not in batch:
+            continue
+        cu = batch[f"cu_{stream}"]
+        sizes = cu[1:] - cu[:-1]
+        first = (cu[:-1].long() // length) % draws == 0  # segments never cross a row's end
+        kept = torch.cumsum(sizes[first], 0, dtype=cu.dtype)
+        once[f"cu_{stream}"] = torch.cat((cu[:1], kept))
+        once[f"max_{stream}"] = batch[f"max_{stream}"]  # the copies hold the same segments
+    return once
+
+
 def move_batch(batch: dict[str, Any], device: torch.device) -> Batch:
     """Tensors to ``device`` (non-blocking: the loader pins memory)."""
     return {

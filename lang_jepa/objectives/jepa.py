@@ -35,6 +35,7 @@ from .base import (
     gather_tokens,
     move_batch,
     parameter_count,
+    window_rows,
 )
 
 
@@ -202,18 +203,16 @@ def window_features(
         if "cu_sent" not in batch:
             raise KeyError("target.view=sentence needs the batch's sentence segments (cu_sent)")
         stream = "sent"
-    args = (
-        batch["input_ids"],
-        batch["position_ids"],
-        batch["valid"],
-        batch_segments(batch, stream),
-    )
+    once = window_rows(batch)  # mask.draws: each window read once for all its draws
+    args = (once["input_ids"], once["position_ids"], once["valid"], batch_segments(once, stream))
     with autocast_context(batch["input_ids"].device, autocast):
         if tcfg is None or tcfg.tensor == "final":
-            return encoder(*args).float()
-        layers = encoder.top_layers(*args, tcfg.layers, tcfg.tensor)
-    normed = [normalise(x.float(), tcfg.norm, batch["valid"]) for x in layers]
-    return torch.stack(normed).mean(0)
+            feats = encoder(*args).float()
+        else:
+            layers = encoder.top_layers(*args, tcfg.layers, tcfg.tensor)
+            feats = torch.stack([normalise(x.float(), tcfg.norm, once["valid"]) for x in layers])
+            feats = feats.mean(0)
+    return feats.repeat_interleave(batch.get("draws", 1), 0)
 
 
 def normalise(x: Tensor, kind: str, valid: Tensor) -> Tensor:
@@ -288,35 +287,62 @@ def sigreg_term(z: Tensor, generator: torch.Generator | None = None, n_dirs: int
 
 
 def infonce(
-    pred: Tensor, target: Tensor, valid: Tensor, temperature: float, group: Tensor | None = None
+    pred: Tensor, target: Tensor, valid: Tensor, temperature: float, keep: Tensor | None = None
 ) -> Tensor:
     """Contrastive prediction: each valid prediction is scored (cosine / ``temperature``) against
     every valid target of the micro-batch, its own being the right one; the same window's other
-    targets are the hardest negatives. pred, target [B, X, D]; valid [B, X]. ``group`` [B, X]
-    (``loss.negatives=window``: each slot's window) keeps to the targets of the prediction's own
-    group. Mean cross-entropy over the valid predictions (fp32); a mean prediction scores
-    log(number of candidates)."""
+    targets are the hardest negatives. pred, target [B, X, D]; valid [B, X]. ``keep`` [N, N]
+    (N = B x X, see :func:`candidates`) narrows the candidates of each prediction (row) to the
+    targets (columns) it marks; its diagonal must be set. Mean cross-entropy over the valid
+    predictions (fp32); a mean prediction scores log(number of candidates)."""
     p = F.normalize(pred.float().flatten(0, 1), dim=-1)
     t = F.normalize(target.float().flatten(0, 1), dim=-1)
     v = valid.flatten()
     logits = (p @ t.T) / temperature
-    keep = v[None, :].expand_as(logits)
-    if group is not None:
-        g = group.flatten()
-        keep = keep & (g[:, None] == g[None, :])
-    logits = logits.masked_fill(~keep, -1e4)  # finite: no NaN when a row has no target
+    allowed = v[None, :] if keep is None else v[None, :] & keep
+    logits = logits.masked_fill(~allowed, -1e4)  # finite: no NaN when a row has no target
     ce = F.cross_entropy(logits, torch.arange(len(v), device=v.device), reduction="none")
     w = v.float()
     return (ce * w).sum() / w.sum().clamp(min=1.0)
 
 
-def slot_groups(batch: Batch, level: str) -> Tensor | None:
-    """The window of each loss slot [B, X] (``loss.negatives=window``): of each target sentence
-    (``tgt_sent_win``), or of each target token (its sentence's); None if the batch lacks it."""
-    groups = batch.get("tgt_sent_win")
-    if groups is not None and level == "token":
-        return torch.gather(groups, 1, batch["tgt_sent"])
-    return groups
+def same_window(groups: Tensor) -> Tensor:
+    """[N, N]: slot pairs of one window, from each slot's window [B, X] (``loss.negatives``)."""
+    g = groups.flatten()
+    return g[:, None] == g[None, :]
+
+
+def candidates(batch: Batch, cfg: LossConfig, level: str) -> Tensor | None:
+    """Which targets each loss slot's InfoNCE scores it against [N, N] (N = the batch's slots,
+    sentences or tokens), None for every valid target of the batch. ``loss.negatives=window``:
+    the same window's only. ``mask.draws`` > 1: never the same sentence (token) of the same
+    window hidden by another draw, whose target is the right one's own copy."""
+    keep = None
+    if cfg.negatives == "window":
+        groups = batch["tgt_sent_win"]
+        if level == "token":
+            groups = torch.gather(groups, 1, batch["tgt_sent"])
+        keep = same_window(groups)
+    if batch.get("draws", 1) > 1:
+        key = target_keys(batch, level).flatten()
+        copy = (key[:, None] == key[None, :]) & ~torch.eye(len(key), dtype=torch.bool,
+                                                           device=key.device)  # fmt: skip
+        keep = ~copy if keep is None else keep & ~copy
+    return keep
+
+
+def target_keys(batch: Batch, level: str) -> Tensor:
+    """One number per loss slot [B, X], equal across the draws of a window for the same target
+    (sentence: its first token; token: the token)."""
+    draws, length = batch.get("draws", 1), batch["input_ids"].shape[1]
+    group = torch.arange(len(batch["input_ids"]), device=batch["input_ids"].device) // draws
+    if level == "token":
+        token = batch["tgt_index"]
+    else:
+        fill = torch.where(batch["tgt_valid"], batch["tgt_index"], length)
+        token = torch.full(batch["tgt_sent_valid"].shape, length, device=fill.device)
+        token = token.scatter_reduce(1, batch["tgt_sent"], fill, "amin")
+    return group[:, None] * (length + 1) + token
 
 
 def reg_sets(cfg: LossConfig) -> tuple[str, ...]:
@@ -330,23 +356,21 @@ def jepa_loss(
     valid: Tensor,
     cfg: LossConfig,
     context: tuple[Tensor, Tensor] | None = None,
-    groups: Tensor | None = None,
+    keep: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Mean loss over the valid target slots (sentences [B, S] or tokens [B, Nt]), plus InfoNCE
     (``loss.infonce_weight``, or alone with ``loss.type=infonce``) and an optional regulariser on
     the predictions or on the context features (``context``: features [B, Nc, D], valid).
-    ``groups`` [B, X]: each slot's window, which ``loss.negatives=window`` needs.
+    ``keep``: InfoNCE's candidates (:func:`candidates`), which ``loss.negatives=window`` needs.
 
     pred, target [B, X, D]; valid [B, X]. Returns (loss, {"pred_loss", "reg"[, "infonce"]}), fp32.
     """
     pred, target = pred.float(), target.float()
     parts: dict[str, Tensor] = {}
-    if cfg.negatives == "batch":
-        groups = None
-    elif groups is None:
-        raise ValueError("loss.negatives=window needs each slot's window (groups)")
+    if cfg.negatives == "window" and keep is None:
+        raise ValueError("loss.negatives=window needs the candidates of each slot (keep)")
     if cfg.type == "infonce":
-        pred_loss = infonce(pred, target, valid, cfg.temperature, groups)
+        pred_loss = infonce(pred, target, valid, cfg.temperature, keep)
     else:
         if cfg.type == "smooth_l1":
             per = F.smooth_l1_loss(pred, target, reduction="none", beta=cfg.smooth_l1_beta).mean(-1)
@@ -357,7 +381,7 @@ def jepa_loss(
         weights = valid.float()
         pred_loss = (per * weights).sum() / weights.sum().clamp(min=1.0)
         if cfg.infonce_weight > 0:
-            nce = infonce(pred, target, valid, cfg.temperature, groups)
+            nce = infonce(pred, target, valid, cfg.temperature, keep)
             parts["infonce"] = nce.detach()
             pred_loss = pred_loss + cfg.infonce_weight * nce
     reg = pred_loss.new_zeros(())
@@ -415,12 +439,13 @@ def step_flops(model: JEPA, batch: Batch, recompute: bool) -> tuple[Tensor, Tens
     FLOPs add the recomputed forward of activation checkpointing.
     """
     enc, pred = model.encoder, model.predictor
-    n_win = batch["valid"].sum(1).float()
+    once = window_rows(batch)  # mask.draws: the target encoder reads each window once
+    n_win = once["valid"].sum(1).float()
     n_ctx = batch["ctx_valid"].sum(1).float()
     n_tgt = batch["qry_valid" if "qry_valid" in batch else "tgt_valid"].sum(1).float()
     enc_ctx = stream_flops(enc, batch, "ctx", n_ctx)
     enc_win = stream_flops(
-        enc, batch, "sent" if model.target_cfg.view == "sentence" else "full", n_win
+        enc, once, "sent" if model.target_cfg.view == "sentence" else "full", n_win
     )
     pred_core = stream_flops(pred, batch, "pred", n_ctx + n_tgt)
     n_out = n_tgt.sum() if model.level == "token" else batch["tgt_sent_valid"].sum()
@@ -508,8 +533,8 @@ class JEPAObjective:
             preds, ctx = out if self.module.return_context else (out, None)
         with phase("loss"):  # 3. loss in embedding space
             context = None if ctx is None else (ctx, batch["ctx_valid"])
-            groups = slot_groups(batch, self.cfg.target.level)
-            loss, parts = jepa_loss(preds, targets, valid, self.cfg.loss, context, groups)
+            keep = candidates(batch, self.cfg.loss, self.cfg.target.level)
+            loss, parts = jepa_loss(preds, targets, valid, self.cfg.loss, context, keep)
         return loss, self.outputs(preds, sentences, batch, parts)
 
     def outputs(self, preds: Tensor, sentences: Tensor, batch: Batch, parts: dict) -> Outputs:

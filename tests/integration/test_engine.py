@@ -143,3 +143,14 @@ def test_online_targets_train_under_zero3_on_two_ranks(tmp_path, tiny_shards):
     for r in results:
         assert_same(r["target"], r["online"][-1])
     assert_same(results[0]["online"][-1], results[1]["online"][-1])
+
+
+def test_multi_mask_trains_on_two_ranks(tmp_path, tiny_shards):
+    """mask.draws=3 with window negatives, packed, ZeRO-2 on two ranks: the engine trains on the
+    three copies of every row (the EMA target reads one) and the loss falls."""
+    results = run_worker(
+        tmp_path, tiny_shards, 2, 2, "mask.draws=3", "loss.type=infonce", "loss.negatives=window",
+    )  # fmt: skip
+    losses = results[0]["losses"]
+    assert all(torch.isfinite(torch.tensor(losses))) and sum(losses[-4:]) < sum(losses[:4]), losses
+    assert_same(results[0]["online"][-1], results[1]["online"][-1])

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from lang_jepa.config import ConfigError, load_config
 from lang_jepa.metrics import CollapseAlarm
@@ -25,7 +26,7 @@ from lang_jepa.objectives import (
     token_targets,
 )
 from lang_jepa.objectives.hybrid import context_mlm_mask
-from lang_jepa.objectives.jepa import normalise, representation_stats
+from lang_jepa.objectives.jepa import candidates, normalise, representation_stats, same_window
 from tests.helpers import setup_batch
 
 CPU = Runtime(torch.device("cpu"), 0, 1, None)
@@ -65,12 +66,13 @@ def test_window_negatives_rank_only_the_same_windows_targets():
     # over the batch a perfect prediction ties with its copy: log 2
     assert float(infonce(target, target, valid, 0.01)) == pytest.approx(math.log(2), rel=1e-4)
     # within its window it is the only match
-    assert float(infonce(target, target, valid, 0.01, groups)) < 1e-6
+    keep = same_window(groups)
+    assert float(infonce(target, target, valid, 0.01, keep)) < 1e-6
     # the window's mean prediction scores log(window's targets), not log(batch's)
     mean = target.mean(1, keepdim=True).expand_as(target)
-    assert float(infonce(mean, target, valid, 0.05, groups)) == pytest.approx(math.log(3), rel=1e-5)
+    assert float(infonce(mean, target, valid, 0.05, keep)) == pytest.approx(math.log(3), rel=1e-5)
     valid[1, 2] = False  # an invalid slot is neither query nor candidate
-    nce = infonce(mean, target, valid, 0.05, groups)
+    nce = infonce(mean, target, valid, 0.05, keep)
     mean1 = target[1, :2].mean(0)
     want = (3 * math.log(3) + 2 * float(F.cross_entropy(
         (F.normalize(mean1, dim=0) @ F.normalize(target[1, :2], dim=-1).T)[None] / 0.05,
@@ -93,7 +95,7 @@ def test_window_negatives_follow_the_windows_of_a_packed_row(tiny_shards, packin
     if packing:
         assert batch["input_ids"].shape[0] < n_windows  # several windows share a row
     preds, targets = torch.randn(*sent_valid.shape, 16), torch.randn(*sent_valid.shape, 16)
-    loss, _ = jepa_loss(preds, targets, sent_valid, cfg.loss, groups=win)
+    loss, _ = jepa_loss(preds, targets, sent_valid, cfg.loss, keep=same_window(win))
     # by hand: each window's slots alone, the cross-entropies averaged over all slots
     ces = []
     for w in range(n_windows):
@@ -102,7 +104,7 @@ def test_window_negatives_follow_the_windows_of_a_packed_row(tiny_shards, packin
         ces.append(F.cross_entropy(p @ t.T / cfg.loss.temperature, torch.arange(len(p)),
                                    reduction="sum"))  # fmt: skip
     assert float(loss) == pytest.approx(float(sum(ces) / sent_valid.sum()), rel=1e-5)
-    with pytest.raises(ValueError, match="groups"):
+    with pytest.raises(ValueError, match="candidates"):
         jepa_loss(preds, targets, sent_valid, cfg.loss)
     # the objective hands the windows over itself
     objective = build_objective(cfg, vocab, CPU)
@@ -501,3 +503,87 @@ def test_query_settings_are_checked(tiny_shards):
         load_config("tiny", [*base, "mask.queries=2", "target.level=token"])
     with pytest.raises(ConfigError, match="'mask.queries'"):
         load_config("tiny", [*base, "mask.queries=-1"])
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_draws_cost_one_target_forward(tiny_shards, packing):
+    """mask.draws=3: each window laid out three times with three masks (the first the one-draw
+    mask), the target encoder run once over one copy, its features the one-draw batch's."""
+    from lang_jepa.data.loader import build_train_loader
+    from lang_jepa.metrics import Accumulators
+    from lang_jepa.objectives.base import window_rows
+
+    cfg, _, target, batch, _ = setup_batch(tiny_shards, "mask.draws=3", f"data.packing={packing}")
+    one = next(iter(build_train_loader(
+        load_config("tiny", [f"data.shards={tiny_shards}", f"data.packing={packing}"]), 0, 1
+    )))  # fmt: skip
+    assert batch["draws"] == 3 and "draws" not in one
+    assert len(batch["input_ids"]) == 3 * len(one["input_ids"])
+    for key in ("input_ids", "position_ids", "valid"):
+        for d in range(3):  # every copy holds the same windows
+            torch.testing.assert_close(batch[key][d::3], one[key], rtol=0, atol=0)
+    # the first draw is the one-draw mask; the others differ
+    n = one["ctx_index"].shape[1]
+    assert torch.equal(batch["ctx_index"][::3, :n], one["ctx_index"])
+    assert (
+        not torch.equal(batch["ctx_valid"][1::3], batch["ctx_valid"][::3])
+        or not torch.equal(batch["tgt_sent_valid"][1::3], batch["tgt_sent_valid"][::3])
+        or not torch.equal(batch["ctx_index"][1::3], batch["ctx_index"][::3])
+    )
+    # what the target encoder reads is the one-draw batch's window stream, segments included
+    once = window_rows(batch)
+    for key in ("input_ids", "position_ids", "valid", "cu_sent", "max_sent", *(
+        ("cu_full", "max_full") if packing else ()
+    )):  # fmt: skip
+        assert torch.equal(torch.as_tensor(once[key]), torch.as_tensor(one[key])), key
+    calls = []
+    hook = target.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    for view in ("window", "sentence"):
+        cfg.target.view = view
+        calls.clear()
+        feats = target_features(target, batch, None, cfg.target)
+        assert calls == [len(one["input_ids"])]  # one forward over one copy of the windows
+        want = target_features(target, one, None, cfg.target).repeat_interleave(3, 0)
+        torch.testing.assert_close(feats, want, rtol=0, atol=0)
+    hook.remove()
+    # the training counters see each window once
+    counts = []
+    for b in (batch, one):
+        acc = Accumulators.zeros(torch.device("cpu"))
+        acc.add(torch.tensor(1.0), b, torch.tensor(0.0))
+        counts.append((int(acc.tokens), acc.samples, acc.slots))
+    assert counts[0] == counts[1]
+
+
+def test_draws_keep_a_targets_copies_out_of_its_negatives(tiny_shards):
+    cfg, _, target, batch, _ = setup_batch(
+        tiny_shards, "mask.draws=4", "loss.type=infonce", "data.packing=false"
+    )
+    feats = target_features(target, batch, None, cfg.target)
+
+    def copies(x: Tensor, valid: Tensor) -> Tensor:  # [N, N]: two valid slots, equal targets
+        flat, v = x.flatten(0, 1), valid.flatten()
+        equal = (flat[:, None, :] == flat[None, :, :]).all(-1) & v[:, None] & v[None, :]
+        return equal & ~torch.eye(len(v), dtype=torch.bool)
+
+    for level, targets, valid in (
+        ("sentence", pooled_targets(feats, batch), batch["tgt_sent_valid"]),
+        ("token", token_targets(feats, batch), batch["tgt_valid"]),
+    ):
+        keep = candidates(batch, cfg.loss, level)
+        same = copies(targets, valid)
+        assert bool(same.any())  # some sentence is hidden by two draws of its window
+        v = valid.flatten()
+        # exactly the copies are taken out: not the right target, not another one
+        assert torch.equal(~keep & v[:, None] & v[None, :], same), level
+        if level == "sentence":  # a perfect prediction: with the copies kept out, no tie
+            assert float(infonce(targets, targets, valid, 0.01)) > 0.1
+            assert float(infonce(targets, targets, valid, 0.01, keep)) < 1e-4
+
+
+def test_draw_settings_are_checked(tiny_shards):
+    base = [f"data.shards={tiny_shards}"]
+    with pytest.raises(ConfigError, match="'mask.draws'"):
+        load_config("tiny", [*base, "mask.draws=0"])
+    with pytest.raises(ConfigError, match="'mask.draws'.*objective=jepa"):
+        load_config("tiny", [*base, "mask.draws=2", "objective=jepa+mlm"])
