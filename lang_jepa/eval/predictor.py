@@ -208,24 +208,28 @@ def batch_predictions(model: JEPA, target: TextEncoder, batch: Batch, shuffled_c
     if sents is not None:
         sents = tuple(x.float().cpu() if x.is_floating_point() else x.cpu() for x in sents)
         preds["copy_neighbour"] = _copy_neighbour(*sents)
-    tgt_len = torch.zeros(slot_valid.shape, dtype=torch.long, device=slot_valid.device)
-    tgt_len.scatter_add_(1, batch["tgt_sent"].long(), batch["tgt_valid"].long())
-    sent_len = None
-    if "sent_id" in batch:
-        sid = batch["sent_id"]
-        sent_len = (sid[..., None] == torch.arange(int(sid.max()) + 1, device=sid.device)).sum(1)
     return {
         "targets": targets.cpu(),
         "slot_valid": slot_valid.cpu(),
         "groups": batch["tgt_sent_win"].cpu(),  # each slot's window (loss.negatives=window)
         "preds": preds,
         "sents": sents,
-        "lengths": (
-            tgt_len.cpu(),
-            None if sent_len is None else sent_len.cpu(),
-            batch["input_ids"].shape[1],
-        ),
+        "lengths": batch_lengths(batch),
     }
+
+
+def batch_lengths(batch: Batch) -> tuple[Tensor, Tensor | None, int]:
+    """(each target slot's length [B, S], each window sentence's length [B, N] or None without
+    ``sent_id``, the window length L): what :func:`length_space` reads, on the CPU."""
+    slot_valid = batch["tgt_sent_valid"]
+    tgt_len = torch.zeros(slot_valid.shape, dtype=torch.long, device=slot_valid.device)
+    tgt_len.scatter_add_(1, batch["tgt_sent"].long(), batch["tgt_valid"].long())
+    sent_len = None
+    if "sent_id" in batch:
+        sid = batch["sent_id"]
+        sent_len = (sid[..., None] == torch.arange(int(sid.max()) + 1, device=sid.device)).sum(1)
+        sent_len = sent_len.cpu()
+    return tgt_len.cpu(), sent_len, batch["input_ids"].shape[1]
 
 
 def length_space(o: dict[str, Any]) -> dict[str, Any]:
