@@ -11,6 +11,7 @@ import json
 import math
 import os
 import platform
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -287,6 +288,30 @@ def plot(agg: dict[str, Any], path: Path) -> Path:
     return path
 
 
+SPREAD_LINE = re.compile(
+    r'\{\s*"mean": ([^,]+),\s*"std": ([^,]+),\s*"min": ([^,]+),\s*"max": ([^,]+),\s*"n": (\d+)\s*\}'
+)
+
+
+def _rounded(x: Any) -> Any:
+    """Floats to 6 significant digits, through dicts and lists (what a reader of the table
+    needs; the cells' records keep every digit)."""
+    if isinstance(x, float):
+        return float(f"{x:.6g}") if math.isfinite(x) else x
+    if isinstance(x, dict):
+        return {k: _rounded(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_rounded(v) for v in x]
+    return x
+
+
+def to_json(agg: dict[str, Any]) -> str:
+    """``results.json``'s text: numbers rounded, every spread (mean, std, min, max, n) on one line,
+    so that a re-published experiment rewrites a few MB, not tens, and diffs by metric."""
+    text = json.dumps(_rounded(agg), indent=1, default=float)
+    return SPREAD_LINE.sub(r'{"mean": \1, "std": \2, "min": \3, "max": \4, "n": \5}', text) + "\n"
+
+
 def write_results(
     results: list[dict[str, Any]], spec_info: dict[str, Any], out: Path
 ) -> list[Path]:
@@ -294,7 +319,7 @@ def write_results(
     agg = aggregate(results, spec_info)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "results.json", out / "results.md", out / "results.png"]
-    paths[0].write_text(json.dumps(agg, indent=2, default=float) + "\n")
+    paths[0].write_text(to_json(agg))
     paths[1].write_text(markdown(agg))
     plot(agg, paths[2])
     return paths
