@@ -177,7 +177,7 @@ def figure(exp: Experiment, only: list[str] | None, path: str | Path) -> Path:
         raise ExperimentError(f"{exp.path}: no finished cell of {', '.join(order)}")
     cells.sort(key=lambda c: (order.index(c["variant"]), c["seed"]))
     info = {
-        **spec_info(exp),
+        **spec_info(exp, load_rt(exp)),  # the RT probe's majority-class line, as publish draws it
         "variants": [v for v in order if any(c["variant"] == v for c in cells)],
     }
     return plot(aggregate(cells, info), Path(path))
