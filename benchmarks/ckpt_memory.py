@@ -28,6 +28,7 @@ def one(preset: str, shards: str, checkpointing: bool, micro_batch: int) -> tupl
     from lang_jepa.config import load_config
     from lang_jepa.data import build_train_loader, manifest_vocab_size
     from lang_jepa.objectives import build_models, compute_targets, jepa_loss
+    from lang_jepa.objectives.jepa import candidates
 
     overrides = [f"data.shards={shards}", "data.num_workers=0",
                  f"model.activation_checkpointing={str(checkpointing).lower()}"]  # fmt: skip
@@ -39,7 +40,8 @@ def one(preset: str, shards: str, checkpointing: bool, micro_batch: int) -> tupl
     batch = next(iter(build_train_loader(cfg, 0, 1)))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     targets = compute_targets(target, batch, None)
-    loss, _ = jepa_loss(model(batch), targets, batch["tgt_sent_valid"], cfg.loss)
+    keep = candidates(batch, cfg.loss, "sentence")  # loss.negatives, mask.draws
+    loss, _ = jepa_loss(model(batch), targets, batch["tgt_sent_valid"], cfg.loss, keep=keep)
     fwd = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     loss.backward()
     step = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -72,6 +72,7 @@ class PlainLoop:
         from lang_jepa import schedules
         from lang_jepa.ema import ema_update
         from lang_jepa.objectives import compute_targets, jepa_loss
+        from lang_jepa.objectives.jepa import candidates
 
         cfg, max_steps = self.cfg, self.cfg.train.max_steps
         lr = schedules.learning_rate(self.step, max_steps, cfg.optim)
@@ -90,7 +91,8 @@ class PlainLoop:
             with self._phase("forward"), autocast:  # 2. context encoder + predictor
                 preds = self.model(batch)
             with self._phase("loss"):  # 3. loss
-                loss, _ = jepa_loss(preds, targets, batch["tgt_sent_valid"], cfg.loss)
+                keep = candidates(batch, cfg.loss, "sentence")  # loss.negatives, mask.draws
+                loss, _ = jepa_loss(preds, targets, batch["tgt_sent_valid"], cfg.loss, keep=keep)
             with self._phase("backward"):  # 4. backward
                 (loss * scale).backward()
             finite = torch.isfinite(loss.detach())

@@ -137,6 +137,11 @@ def config_overrides(args: argparse.Namespace, shards: Path, run_dir: Path) -> l
     return over + list(args.overrides)
 
 
+def window_tokens(batch: dict) -> float:
+    """Valid tokens of a micro-batch, each window once (``mask.draws`` lays it out M times)."""
+    return float(batch["valid"].sum()) / batch.get("draws", 1)
+
+
 def resolve_shards(args: argparse.Namespace, tmp: Path, tokens_needed: int) -> tuple[Path, str]:
     if args.shards:
         return Path(args.shards), f"shards {args.shards}"
@@ -243,8 +248,8 @@ def run_bench(
                 times[name].append(dt)
                 phases[name].append(split)
         if i >= warmup:
-            tokens.append(sum(float(b["valid"].sum()) for b in micro))
-            vs_tokens.append(sum(float(b["valid"].sum()) for b in micro_vs))
+            tokens.append(sum(window_tokens(b) for b in micro))
+            vs_tokens.append(sum(window_tokens(b) for b in micro_vs))
             mf = [trainer.objective.flops(b) for b in micro]
             flops.append((sum(float(m) for m, _ in mf), sum(float(h) for _, h in mf)))
     result = summarize(trainer, times, phases, tokens, flops, peak_flops(dev))

@@ -393,6 +393,11 @@ def validate(cfg: Config) -> None:
         "loss.negatives",
         "window negatives need InfoNCE (loss.type=infonce or loss.infonce_weight > 0)",
     )
+    _check(
+        cfg.loss.negatives == "batch" or cfg.objective in ("jepa", "jepa+mlm"),
+        "loss.negatives",
+        f"window negatives need a latent objective (jepa, jepa+mlm), not {cfg.objective!r}",
+    )
     _check(cfg.loss.reg in ("none", "vicreg", "sigreg"), "loss.reg", f"{cfg.loss.reg!r} unknown")
     reg_on = cfg.loss.reg_on.split("+")
     _check(

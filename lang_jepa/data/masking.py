@@ -275,7 +275,10 @@ def collate_arrays(
 
     ``draws`` = M > 1 (``mask.draws``): the rows come in groups of M copies of the same windows,
     each with its own masks (rows r*M .. r*M + M - 1); the batch says so with ``draws`` = M (int),
-    and the target encoder reads only the first row of each group (:func:`window_rows`).
+    and the target encoder reads only the first row of each group, whose ``sent`` (and, packed,
+    ``full``) segment bounds are ``once_cu_*`` / ``once_max_*``
+    (:func:`lang_jepa.objectives.base.window_rows`). Each copy's windows are numbered on their
+    own in ``tgt_sent_win``: a draw's hidden sentences are its window's candidates.
     """
     b = len(rows)
     if draws > 1:
@@ -355,6 +358,11 @@ def collate_arrays(
     # each sentence of each window a segment of the full stream (``target.view=sentence``)
     sent_lens = [[int(n) for w, _ in row for n in np.diff(w.offsets)] for row in rows]
     batch["cu_sent"], batch["max_sent"] = _segment_bounds(sent_lens, row_len)
+    if draws > 1:  # what the target encoder reads: the first copy of each group of draws
+        batch["once_cu_sent"], batch["once_max_sent"] = _segment_bounds(sent_lens[::draws], row_len)
+        if packed:
+            once = _segment_bounds(win_lens[::draws], row_len)
+            batch["once_cu_full"], batch["once_max_full"] = once
     if packed:
         pred_lens = [
             [k + j for k, j in zip(a, c, strict=True)]

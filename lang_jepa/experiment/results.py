@@ -296,8 +296,8 @@ SPREAD_LINE = re.compile(
 def _rounded(x: Any) -> Any:
     """Floats to 6 significant digits, through dicts and lists (what a reader of the table
     needs; the cells' records keep every digit)."""
-    if isinstance(x, float):
-        return float(f"{x:.6g}") if math.isfinite(x) else x
+    if isinstance(x, float | np.floating):
+        return float(f"{x:.6g}") if math.isfinite(x) else float(x)
     if isinstance(x, dict):
         return {k: _rounded(v) for k, v in x.items()}
     if isinstance(x, list | tuple):

@@ -65,8 +65,9 @@ class Runtime:
 @dataclass
 class Outputs:
     """What one micro-batch's loss leaves for the monitors (detached). Sentence-level objectives
-    fill ``predictions`` / ``targets`` [B, S, D] with ``valid`` [B, S]; ``parts`` holds the loss
-    terms (0-d tensors) by name."""
+    fill ``predictions`` / ``targets`` [B, S, D] with ``valid`` [B, S] (under ``mask.draws``,
+    each hidden sentence's first copy only, so that the monitors count a sentence once);
+    ``parts`` holds the loss terms (0-d tensors) by name."""
 
     predictions: Tensor | None = None
     targets: Tensor | None = None
@@ -136,21 +137,16 @@ def batch_segments(batch: Batch, stream: str) -> Segments | None:
 def window_rows(batch: Batch) -> Batch:
     """What the target encoder reads: the window stream (``input_ids``, ``position_ids``,
     ``valid`` and the ``full`` and ``sent`` segments) of the first row of each group of
-    ``mask.draws`` copies, or the batch itself with one draw."""
+    ``mask.draws`` copies (row views and the collate's ``once_*`` bounds: no host sync), or the
+    batch itself with one draw."""
     draws = batch.get("draws", 1)
     if draws == 1:
         return batch
     once: Batch = {k: batch[k][::draws] for k in ("input_ids", "position_ids", "valid")}
-    length = batch["input_ids"].shape[1]
     for stream in ("full", "sent"):
-        if f"cu_{stream}" not in batch:
-            continue
-        cu = batch[f"cu_{stream}"]
-        sizes = cu[1:] - cu[:-1]
-        first = (cu[:-1].long() // length) % draws == 0  # segments never cross a row's end
-        kept = torch.cumsum(sizes[first], 0, dtype=cu.dtype)
-        once[f"cu_{stream}"] = torch.cat((cu[:1], kept))
-        once[f"max_{stream}"] = batch[f"max_{stream}"]  # the copies hold the same segments
+        if f"once_cu_{stream}" in batch:
+            once[f"cu_{stream}"] = batch[f"once_cu_{stream}"]
+            once[f"max_{stream}"] = batch[f"once_max_{stream}"]
     return once
 
 

@@ -294,7 +294,8 @@ def infonce(
     targets are the hardest negatives. pred, target [B, X, D]; valid [B, X]. ``keep`` [N, N]
     (N = B x X, see :func:`candidates`) narrows the candidates of each prediction (row) to the
     targets (columns) it marks; its diagonal must be set. Mean cross-entropy over the valid
-    predictions (fp32); a mean prediction scores log(number of candidates)."""
+    predictions that have a negative (fp32); a mean prediction scores log(number of
+    candidates)."""
     p = F.normalize(pred.float().flatten(0, 1), dim=-1)
     t = F.normalize(target.float().flatten(0, 1), dim=-1)
     v = valid.flatten()
@@ -302,7 +303,7 @@ def infonce(
     allowed = v[None, :] if keep is None else v[None, :] & keep
     logits = logits.masked_fill(~allowed, -1e4)  # finite: no NaN when a row has no target
     ce = F.cross_entropy(logits, torch.arange(len(v), device=v.device), reduction="none")
-    w = v.float()
+    w = (v & (allowed.sum(1) > 1)).float()  # a prediction with no negative scores nothing
     return (ce * w).sum() / w.sum().clamp(min=1.0)
 
 
@@ -325,10 +326,22 @@ def candidates(batch: Batch, cfg: LossConfig, level: str) -> Tensor | None:
         keep = same_window(groups)
     if batch.get("draws", 1) > 1:
         key = target_keys(batch, level).flatten()
-        copy = (key[:, None] == key[None, :]) & ~torch.eye(len(key), dtype=torch.bool,
-                                                           device=key.device)  # fmt: skip
+        eye = torch.eye(len(key), dtype=torch.bool, device=key.device)
+        copy = (key[:, None] == key[None, :]) & ~eye
         keep = ~copy if keep is None else keep & ~copy
     return keep
+
+
+def first_copies(batch: Batch, level: str) -> Tensor | None:
+    """[B, X]: the loss slots that are their target's first copy under ``mask.draws`` (a
+    sentence hidden by several draws of its window counts once in the regulariser on the
+    targets and in the monitors); None with one draw."""
+    if batch.get("draws", 1) == 1:
+        return None
+    key = target_keys(batch, level)
+    flat = key.flatten()
+    earlier = (flat[:, None] == flat[None, :]).tril(-1).any(1)  # an equal key in an earlier slot
+    return ~earlier.view_as(key)
 
 
 def target_keys(batch: Batch, level: str) -> Tensor:
@@ -357,11 +370,13 @@ def jepa_loss(
     cfg: LossConfig,
     context: tuple[Tensor, Tensor] | None = None,
     keep: Tensor | None = None,
+    once: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Mean loss over the valid target slots (sentences [B, S] or tokens [B, Nt]), plus InfoNCE
     (``loss.infonce_weight``, or alone with ``loss.type=infonce``) and an optional regulariser on
     the predictions or on the context features (``context``: features [B, Nc, D], valid).
-    ``keep``: InfoNCE's candidates (:func:`candidates`), which ``loss.negatives=window`` needs.
+    ``keep``: InfoNCE's candidates (:func:`candidates`), which ``loss.negatives=window`` needs;
+    ``once`` [B, X]: the slots the regulariser on the targets reads (:func:`first_copies`).
 
     pred, target [B, X, D]; valid [B, X]. Returns (loss, {"pred_loss", "reg"[, "infonce"]}), fp32.
     """
@@ -392,7 +407,7 @@ def jepa_loss(
             if on == "predictions":
                 z = pred[valid]
             elif on == "targets":  # with gradient under target.source=online
-                z = target[valid]
+                z = target[valid if once is None else valid & once]
             elif context is not None:
                 z = context[0].float()[context[1]]
             else:
@@ -533,8 +548,9 @@ class JEPAObjective:
             preds, ctx = out if self.module.return_context else (out, None)
         with phase("loss"):  # 3. loss in embedding space
             context = None if ctx is None else (ctx, batch["ctx_valid"])
-            keep = candidates(batch, self.cfg.loss, self.cfg.target.level)
-            loss, parts = jepa_loss(preds, targets, valid, self.cfg.loss, context, keep)
+            level = self.cfg.target.level
+            keep, once = candidates(batch, self.cfg.loss, level), first_copies(batch, level)
+            loss, parts = jepa_loss(preds, targets, valid, self.cfg.loss, context, keep, once)
         return loss, self.outputs(preds, sentences, batch, parts)
 
     def outputs(self, preds: Tensor, sentences: Tensor, batch: Batch, parts: dict) -> Outputs:
@@ -544,7 +560,8 @@ class JEPAObjective:
             preds = pool_by_slot(
                 preds, batch["tgt_sent"], batch["tgt_valid"], batch["tgt_sent_valid"].shape[1]
             )
-        return Outputs(preds, sentences.detach(), batch["tgt_sent_valid"], parts)
+        valid, once = batch["tgt_sent_valid"], first_copies(batch, "sentence")
+        return Outputs(preds, sentences.detach(), valid if once is None else valid & once, parts)
 
     def flops(self, batch: Batch) -> tuple[Tensor, Tensor]:
         return step_flops(self.module, batch, self.cfg.model.activation_checkpointing)

@@ -79,6 +79,9 @@ def test_window_negatives_rank_only_the_same_windows_targets():
         torch.tensor([0]),
     ))) / 5  # fmt: skip
     assert float(nce) == pytest.approx(want, rel=1e-5)
+    # a prediction with no negative (its window's only valid target) is left out of the mean
+    valid[1, 1] = False
+    assert float(infonce(mean, target, valid, 0.05, keep)) == pytest.approx(math.log(3), rel=1e-5)
 
 
 @pytest.mark.parametrize("packing", [True, False])
@@ -96,14 +99,18 @@ def test_window_negatives_follow_the_windows_of_a_packed_row(tiny_shards, packin
         assert batch["input_ids"].shape[0] < n_windows  # several windows share a row
     preds, targets = torch.randn(*sent_valid.shape, 16), torch.randn(*sent_valid.shape, 16)
     loss, _ = jepa_loss(preds, targets, sent_valid, cfg.loss, keep=same_window(win))
-    # by hand: each window's slots alone, the cross-entropies averaged over all slots
-    ces = []
+    # by hand: each window's slots alone, the cross-entropies averaged over the slots of the
+    # windows that have more than one (a lone hidden sentence has no negative)
+    ces, n = [], 0
     for w in range(n_windows):
         m = (win == w) & sent_valid
+        if int(m.sum()) < 2:
+            continue
         p, t = F.normalize(preds[m], dim=-1), F.normalize(targets[m], dim=-1)
         ces.append(F.cross_entropy(p @ t.T / cfg.loss.temperature, torch.arange(len(p)),
                                    reduction="sum"))  # fmt: skip
-    assert float(loss) == pytest.approx(float(sum(ces) / sent_valid.sum()), rel=1e-5)
+        n += len(p)
+    assert float(loss) == pytest.approx(float(sum(ces) / n), rel=1e-5)
     with pytest.raises(ValueError, match="candidates"):
         jepa_loss(preds, targets, sent_valid, cfg.loss)
     # the objective hands the windows over itself
@@ -587,3 +594,48 @@ def test_draw_settings_are_checked(tiny_shards):
         load_config("tiny", [*base, "mask.draws=0"])
     with pytest.raises(ConfigError, match="'mask.draws'.*objective=jepa"):
         load_config("tiny", [*base, "mask.draws=2", "objective=jepa+mlm"])
+
+
+def test_draws_count_each_hidden_sentence_once_outside_the_loss(tiny_shards):
+    """Under mask.draws the regulariser on the targets, the monitors and the FLOPs see each
+    hidden sentence and each window once; the validation batches keep one draw."""
+    from lang_jepa.data.loader import build_val_loader
+    from lang_jepa.metrics import stream_flops
+    from lang_jepa.objectives.jepa import first_copies, step_flops, target_keys
+
+    cfg, model, target, batch, vocab = setup_batch(
+        tiny_shards, "mask.draws=3", "target.source=online", "loss.type=infonce",
+        "loss.reg=sigreg", "loss.reg_on=targets", "loss.reg_weight=0.02", "optim.ema_start=0.0",
+        "optim.ema_end=0.0",
+    )  # fmt: skip
+    valid = batch["tgt_sent_valid"]
+    once = first_copies(batch, "sentence")
+    keys = target_keys(batch, "sentence")
+    # one slot per distinct hidden sentence, and every one of them
+    assert sorted(keys[valid & once].tolist()) == sorted(set(keys[valid].tolist()))
+    assert int((valid & once).sum()) < int(valid.sum())  # some sentence was hidden twice
+    objective = build_objective(cfg, vocab, CPU)
+    torch.manual_seed(3)
+    loss, outputs = objective.loss(objective.module, batch)
+    assert torch.equal(outputs.valid, valid & once)  # the monitors' slots
+    from lang_jepa.objectives.jepa import sigreg_term
+
+    feats = objective.module(batch)[2]
+    sentences = pooled_targets(feats, batch)
+    torch.manual_seed(3)  # the regulariser's directions, as in the loss
+    want = sigreg_term(sentences[valid & once], n_dirs=cfg.loss.sigreg_slices)
+    assert float(outputs.parts["reg"]) == pytest.approx(float(want), rel=1e-4)
+    # the FLOPs: the online target forward and backward of one copy of each window
+    one_cfg, one_model, _, one, _ = setup_batch(tiny_shards, "target.source=online")
+    enc, pred = model.encoder, model.predictor
+    n_ctx = batch["ctx_valid"].sum(1).float()
+    n_tgt = batch["tgt_valid"].sum(1).float()
+    trainable = (stream_flops(enc, batch, "ctx", n_ctx)
+                 + stream_flops(pred, batch, "pred", n_ctx + n_tgt)
+                 + 2.0 * enc.dim * pred.dim * (n_ctx.sum() + valid.sum()))  # fmt: skip
+    window = stream_flops(enc, one, "full", one["valid"].sum(1).float())
+    model_flops, _ = step_flops(objective.module, batch, recompute=False)
+    assert float(model_flops) == pytest.approx(float(3.0 * (trainable + window)), rel=1e-6)
+    # validation: one draw, one row per window
+    val = next(iter(build_val_loader(cfg, 0, 1)))
+    assert "draws" not in val and len(val["input_ids"]) <= cfg.data.micro_batch_size
