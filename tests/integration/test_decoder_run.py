@@ -87,6 +87,14 @@ def test_decoder_run_resumes_exactly_and_its_export_scores(encoder_export: Path,
     assert (
         "| original | reconstruction |" in (tmp_path / "eval" / "decoder_examples.md").read_text()
     )
+    retrieval = result["retrieval_scores"]
+    assert retrieval["sentences"] == 20 and retrieval["pool"] > 20
+    assert "nearest of" in (tmp_path / "eval" / "decoder_eval.md").read_text()
+    # scored on training sentences, each one's nearest training sentence is itself
+    from lang_jepa.decoder.__main__ import evaluate
+
+    on_train = evaluate(export, tiny_shards, limit=20, split="train", examples=2)
+    assert on_train["retrieval_scores"]["exact_match"] == 1.0
 
 
 def test_decoder_cli_errors_name_the_problem(tiny_shards: Path, tmp_path: Path) -> None:
