@@ -10,7 +10,8 @@ export, all-MiniLM-L6-v2): every sentence of the validation windows read alone (
 embeds it), the hidden sentences of the validation masks ranked by cosine to
 
 - ``copy_neighbour``: the nearest visible sentence (before it, else after it);
-- ``copy_context``: the mean of the window's visible sentences;
+- ``copy_context``: the (layer-normed) mean of the window's visible sentences, as in the
+  predictor table;
 - ``length``: the hidden sentence's own length (what a mask token per hidden token tells);
 
 with the chance MRR of a random ranking beside them. A strong sentence encoder whose
@@ -38,6 +39,7 @@ def measure(export: str, shards: str, batches: int) -> dict[str, Any]:
     from lang_jepa.data.loader import StreamSpec, ValLoader
     from lang_jepa.encoder_api import Encoder
     from lang_jepa.eval.predictor import (
+        _copy_context,
         _copy_neighbour,
         _local_retrieval,
         batch_lengths,
@@ -64,11 +66,7 @@ def measure(export: str, shards: str, batches: int) -> dict[str, Any]:
             slot_valid = batch["tgt_sent_valid"]
             idx = slot_sentence.clamp(min=0)[..., None].expand(-1, -1, emb.shape[-1])
             targets = torch.gather(emb, 1, idx)
-            visible = sent_valid.clone()
-            for row in range(len(visible)):
-                visible[row, slot_sentence[row][slot_sentence[row] >= 0]] = False
-            w = visible.float()[..., None]
-            ctx = (emb * w).sum(1) / w.sum(1).clamp(min=1)
+            ctx = _copy_context(feats, batch, (emb, sent_valid, slot_sentence))
             preds = {
                 "copy_neighbour": _copy_neighbour(emb, sent_valid, slot_sentence),
                 "copy_context": ctx[:, None, :].expand_as(targets),
