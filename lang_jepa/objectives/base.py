@@ -114,8 +114,17 @@ class Objective(Protocol):
         ...
 
 
-def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
-    """x [B, L] or [B, L, D], index [B, N] -> x at index, [B, N] or [B, N, D]."""
+def gather_tokens(x: Tensor, index: Tensor, draws: int = 1) -> Tensor:
+    """x [B, L] or [B, L, D], index [B, N] -> x at index, [B, N] or [B, N, D].
+
+    ``draws`` > 1 (``mask.draws``): x holds one row per window, [B / draws, L(, D)], and row r of
+    ``index`` reads row r // draws of x (the draws of a window are adjacent rows of the batch), so
+    the window features are never repeated."""
+    if draws > 1:
+        b, n = index.shape
+        rows = torch.arange(b, device=index.device) // draws
+        flat = (rows[:, None] * x.shape[1] + index).flatten()
+        return x.flatten(0, 1).index_select(0, flat).view(b, n, *x.shape[2:])
     if x.dim() == 2:
         return x.gather(1, index)
     return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))

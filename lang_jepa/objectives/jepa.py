@@ -178,8 +178,8 @@ def target_features(
     autocast: torch.dtype | None,
     tcfg: TargetConfig | None = None,
 ) -> Tensor:
-    """The target encoder's per-token targets of the full window [B, L, D], fp32, no grad (see
-    :func:`window_features`)."""
+    """The target encoder's per-token targets of the full window [B, L, D] ([B / M, L, D] under
+    ``mask.draws=M``), fp32, no grad (see :func:`window_features`)."""
     return window_features(target_encoder, batch, autocast, tcfg)
 
 
@@ -190,7 +190,9 @@ def window_features(
     tcfg: TargetConfig | None = None,
 ) -> Tensor:
     """Per-token targets of the full window [B, L, D], fp32, with gradient if ``encoder`` has it
-    (``target.source=online``).
+    (``target.source=online``). Under ``mask.draws=M`` one row per window, [B / M, L, D]: the
+    encoder reads one copy of each window (:func:`window_rows`) and :func:`pooled_targets` /
+    :func:`token_targets` read row r // M for batch row r, so the features are never repeated.
 
     ``target.view=window`` (the default; ``tcfg`` None): every token attends to the window;
     ``sentence``: to its own sentence only (the ``sent`` segments), as when a sentence is embedded
@@ -212,7 +214,7 @@ def window_features(
             layers = encoder.top_layers(*args, tcfg.layers, tcfg.tensor)
             feats = torch.stack([normalise(x.float(), tcfg.norm, once["valid"]) for x in layers])
             feats = feats.mean(0)
-    return feats.repeat_interleave(batch.get("draws", 1), 0)
+    return feats
 
 
 def normalise(x: Tensor, kind: str, valid: Tensor) -> Tensor:
@@ -230,9 +232,10 @@ def normalise(x: Tensor, kind: str, valid: Tensor) -> Tensor:
 
 
 def pooled_targets(feats: Tensor, batch: Batch) -> Tensor:
-    """Target-sentence embeddings [B, S, D] from window features [B, L, D]: each target
-    sentence's tokens mean-pooled, then layer-normalised without affine parameters (I-JEPA)."""
-    tokens = gather_tokens(feats.float(), batch["tgt_index"])
+    """Target-sentence embeddings [B, S, D] from window features [B, L, D] (one row per window
+    under ``mask.draws``): each target sentence's tokens mean-pooled, then layer-normalised
+    without affine parameters (I-JEPA)."""
+    tokens = gather_tokens(feats.float(), batch["tgt_index"], batch.get("draws", 1))
     pooled = pool_by_slot(
         tokens, batch["tgt_sent"], batch["tgt_valid"], batch["tgt_sent_valid"].shape[1]
     )
@@ -241,7 +244,7 @@ def pooled_targets(feats: Tensor, batch: Batch) -> Tensor:
 
 def token_targets(feats: Tensor, batch: Batch) -> Tensor:
     """Per target token [B, Nt, D]: its feature, layer-normalised without affine parameters."""
-    tokens = gather_tokens(feats.float(), batch["tgt_index"])
+    tokens = gather_tokens(feats.float(), batch["tgt_index"], batch.get("draws", 1))
     return F.layer_norm(tokens, (tokens.shape[-1],))
 
 
@@ -525,8 +528,8 @@ class JEPAObjective:
         return self.targets_from(feats, batch)
 
     def targets_from(self, feats: Tensor, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
-        """The targets of window features [B, L, D]: X is the target sentences
-        (``target.level=sentence``) or the target tokens (``token``)."""
+        """The targets of window features [B, L, D] (one row per window under ``mask.draws``): X
+        is the target sentences (``target.level=sentence``) or the target tokens (``token``)."""
         project = self.module.project  # target.projector (the identity without one)
         sentences = project(pooled_targets(feats, batch))
         if self.cfg.target.level == "token":

@@ -550,8 +550,14 @@ def test_draws_cost_one_target_forward(tiny_shards, packing):
         calls.clear()
         feats = target_features(target, batch, None, cfg.target)
         assert calls == [len(one["input_ids"])]  # one forward over one copy of the windows
-        want = target_features(target, one, None, cfg.target).repeat_interleave(3, 0)
-        torch.testing.assert_close(feats, want, rtol=0, atol=0)
+        want = target_features(target, one, None, cfg.target)
+        torch.testing.assert_close(feats, want, rtol=0, atol=0)  # one row a window, not repeated
+        # each draw's targets read its own window's row: as if the features were repeated
+        rep = {**batch, "draws": 1}
+        for fn in (pooled_targets, token_targets):
+            torch.testing.assert_close(
+                fn(feats, batch), fn(feats.repeat_interleave(3, 0), rep), rtol=0, atol=0
+            )
     hook.remove()
     # the training counters see each window once
     counts = []
