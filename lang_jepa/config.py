@@ -135,8 +135,10 @@ class LossConfig:
     negatives: str = "batch"
     reg: str = "none"  # none | vicreg | sigreg
     # predictions | context (the context encoder's token features) | targets (the target-sentence
-    # embeddings: the encoder's own pooled embeddings under target.source=online), or several
-    # joined by "+" (targets+context), each its own term at reg_weight
+    # embeddings: the encoder's own pooled embeddings under target.source=online) | pooled (the
+    # same sentences' mean-pooled features before the layer norm, where a low-rank set cannot pass
+    # for Gaussian behind a fixed norm), or several joined by "+" (targets+context), each its own
+    # term at reg_weight
     reg_on: str = "predictions"
     reg_weight: float = 0.0
     vicreg_cov_weight: float = 0.04  # covariance / variance weight inside the vicreg term
@@ -401,10 +403,11 @@ def validate(cfg: Config) -> None:
     _check(cfg.loss.reg in ("none", "vicreg", "sigreg"), "loss.reg", f"{cfg.loss.reg!r} unknown")
     reg_on = cfg.loss.reg_on.split("+")
     _check(
-        all(on in ("predictions", "context", "targets") for on in reg_on)
+        all(on in ("predictions", "context", "targets", "pooled") for on in reg_on)
         and len(set(reg_on)) == len(reg_on),
         "loss.reg_on",
-        f"{cfg.loss.reg_on!r} is not predictions | context | targets, or several joined by +",
+        f"{cfg.loss.reg_on!r} is not predictions | context | targets | pooled, or several joined "
+        "by +",
     )
     tg = cfg.target
     _check(
@@ -421,9 +424,10 @@ def validate(cfg: Config) -> None:
     _check(tg.view in ("window", "sentence"), "target.view", f"{tg.view!r} not window | sentence")
     _check(tg.source in ("ema", "online"), "target.source", f"{tg.source!r} is not ema | online")
     _check(
-        "targets" not in reg_on or cfg.loss.reg == "none" or tg.source == "online",
+        not {"targets", "pooled"} & set(reg_on) or cfg.loss.reg == "none" or tg.source == "online",
         "loss.reg_on",
-        "targets: the EMA targets carry no gradient; regularise them with target.source=online",
+        "targets, pooled: the EMA targets carry no gradient; regularise them with "
+        "target.source=online",
     )
     _check(tg.projector >= 0, "target.projector", f"{tg.projector} is negative")
     _check(

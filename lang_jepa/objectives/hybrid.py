@@ -104,7 +104,10 @@ class JEPAMLMObjective(JEPAObjective):
         with phase("loss"):
             context = (out[2], batch["ctx_valid"]) if self.module.return_context else None
             keep = candidates(batch, self.cfg.loss, self.cfg.target.level)
-            latent, parts = jepa_loss(preds, targets, valid, self.cfg.loss, context, keep)
+            pooled = self.pooled_for_reg(out[3] if online else None, batch)
+            latent, parts = jepa_loss(
+                preds, targets, valid, self.cfg.loss, context, keep, pooled=pooled
+            )
             tokens = mlm_loss(logits, batch)
             loss = latent + self.cfg.loss.mlm_weight * tokens
         parts = {**parts, "latent_loss": latent.detach(), "mlm_loss": tokens.detach()}

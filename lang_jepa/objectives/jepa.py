@@ -235,11 +235,17 @@ def pooled_targets(feats: Tensor, batch: Batch) -> Tensor:
     """Target-sentence embeddings [B, S, D] from window features [B, L, D] (one row per window
     under ``mask.draws``): each target sentence's tokens mean-pooled, then layer-normalised
     without affine parameters (I-JEPA)."""
+    pooled = pooled_features(feats, batch)
+    return F.layer_norm(pooled, (pooled.shape[-1],))
+
+
+def pooled_features(feats: Tensor, batch: Batch) -> Tensor:
+    """Each target sentence's tokens mean-pooled [B, S, D], fp32, before the layer norm of
+    :func:`pooled_targets` (what ``loss.reg_on=pooled`` regularises)."""
     tokens = gather_tokens(feats.float(), batch["tgt_index"], batch.get("draws", 1))
-    pooled = pool_by_slot(
+    return pool_by_slot(
         tokens, batch["tgt_sent"], batch["tgt_valid"], batch["tgt_sent_valid"].shape[1]
     )
-    return F.layer_norm(pooled, (pooled.shape[-1],))
 
 
 def token_targets(feats: Tensor, batch: Batch) -> Tensor:
@@ -374,10 +380,13 @@ def jepa_loss(
     context: tuple[Tensor, Tensor] | None = None,
     keep: Tensor | None = None,
     once: Tensor | None = None,
+    pooled: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Mean loss over the valid target slots (sentences [B, S] or tokens [B, Nt]), plus InfoNCE
     (``loss.infonce_weight``, or alone with ``loss.type=infonce``) and an optional regulariser on
-    the predictions or on the context features (``context``: features [B, Nc, D], valid).
+    the predictions, the targets, the context features (``context``: features [B, Nc, D], valid)
+    or the target sentences' pooled features before their layer norm (``pooled``: [B, S, D] and
+    the sentences it reads [B, S], see :meth:`JEPAObjective.pooled_for_reg`).
     ``keep``: InfoNCE's candidates (:func:`candidates`), which ``loss.negatives=window`` needs;
     ``once`` [B, X]: the slots the regulariser on the targets reads (:func:`first_copies`).
 
@@ -404,16 +413,17 @@ def jepa_loss(
             pred_loss = pred_loss + cfg.infonce_weight * nce
     reg = pred_loss.new_zeros(())
     if cfg.reg != "none" and cfg.reg_weight > 0:
-        # each named set gets its own term, all at reg_weight; the context features are passed by
-        # training only (evaluation scores their term 0)
+        # each named set gets its own term, all at reg_weight
         for on in reg_sets(cfg):
             if on == "predictions":
                 z = pred[valid]
             elif on == "targets":  # with gradient under target.source=online
                 z = target[valid if once is None else valid & once]
-            elif context is not None:
+            elif on == "pooled" and pooled is not None:
+                z = pooled[0].float()[pooled[1]]
+            elif on == "context" and context is not None:
                 z = context[0].float()[context[1]]
-            else:
+            else:  # passed by training only (evaluation scores the term 0)
                 continue
             if cfg.reg == "vicreg":
                 reg = reg + vicreg_term(z, cfg.vicreg_cov_weight)
@@ -553,8 +563,21 @@ class JEPAObjective:
             context = None if ctx is None else (ctx, batch["ctx_valid"])
             level = self.cfg.target.level
             keep, once = candidates(batch, self.cfg.loss, level), first_copies(batch, level)
-            loss, parts = jepa_loss(preds, targets, valid, self.cfg.loss, context, keep, once)
+            pooled = self.pooled_for_reg(feats if online else None, batch)
+            loss, parts = jepa_loss(
+                preds, targets, valid, self.cfg.loss, context, keep, once, pooled
+            )
         return loss, self.outputs(preds, sentences, batch, parts)
+
+    def pooled_for_reg(self, feats: Tensor | None, batch: Batch) -> tuple[Tensor, Tensor] | None:
+        """``loss.reg_on`` names ``pooled``: the target sentences' pooled features before the
+        layer norm [B, S, D] (with gradient: online targets) and the sentences the regulariser
+        reads [B, S] (each hidden sentence once under ``mask.draws``); else None."""
+        if feats is None or "pooled" not in reg_sets(self.cfg.loss):
+            return None
+        mask = batch["tgt_sent_valid"]
+        once = first_copies(batch, "sentence")
+        return pooled_features(feats, batch), mask if once is None else mask & once
 
     def outputs(self, preds: Tensor, sentences: Tensor, batch: Batch, parts: dict) -> Outputs:
         """Sentence-level predictions and targets for the monitors (token predictions pooled)."""

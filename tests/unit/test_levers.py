@@ -21,6 +21,7 @@ from lang_jepa.objectives import (
     build_objective,
     infonce,
     jepa_loss,
+    pooled_features,
     pooled_targets,
     target_features,
     token_targets,
@@ -336,6 +337,10 @@ def test_lever_settings_are_checked(tiny_shards):
     with pytest.raises(ConfigError, match="'loss.reg_on'.*no gradient"):
         load_config("tiny", [*base, "loss.reg=sigreg", "loss.reg_weight=0.02",
                              "loss.reg_on=context+targets"])  # fmt: skip
+    with pytest.raises(ConfigError, match="'loss.reg_on'.*no gradient"):
+        load_config(
+            "tiny", [*base, "loss.reg=sigreg", "loss.reg_weight=0.02", "loss.reg_on=pooled"]
+        )
     with pytest.raises(ConfigError, match="target.tensor=final is one tensor"):
         load_config("tiny", [*base, "target.layers=2"])
 
@@ -399,6 +404,60 @@ def test_online_targets_carry_the_gradient_and_sigreg_acts_on_them(tiny_shards):
     sigreg_term(sentences[valid], n_dirs=256).backward()
     assert model.encoder.tok_emb.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in model.predictor.parameters())
+
+
+@pytest.mark.parametrize("draws", [1, 3])
+def test_sigreg_on_the_pooled_features_reads_them_before_the_layer_norm(tiny_shards, draws):
+    """loss.reg_on=pooled: SIGReg on the hidden sentences' mean-pooled features as they come
+    out of the (online) encoder, before the layer norm the targets get, each sentence once under
+    mask.draws; a low-rank set passes for Gaussian far more easily behind the layer norm."""
+    from lang_jepa.objectives.jepa import first_copies, sigreg_term
+
+    cfg, _, _, batch, vocab = setup_batch(
+        tiny_shards, f"mask.draws={draws}", "target.source=online", "loss.type=infonce",
+        "loss.reg=sigreg", "loss.reg_on=pooled", "loss.reg_weight=0.5", "loss.sigreg_slices=128",
+        "optim.ema_start=0.0", "optim.ema_end=0.0",
+    )  # fmt: skip
+    objective = build_objective(cfg, vocab, CPU)
+    model = objective.module
+    torch.manual_seed(5)
+    loss, outputs = objective.loss(model, batch)
+    preds, _, feats = model(batch)
+    # the pooled features by hand: the mean of each hidden sentence's token features
+    rows = torch.arange(len(batch["input_ids"])) // draws
+    tokens = feats[rows[:, None], batch["tgt_index"]]
+    pooled = torch.zeros(*batch["tgt_sent_valid"].shape, feats.shape[-1])
+    count = torch.zeros(batch["tgt_sent_valid"].shape)
+    for b, n in zip(*torch.nonzero(batch["tgt_valid"], as_tuple=True), strict=True):
+        pooled[b, batch["tgt_sent"][b, n]] += tokens[b, n]
+        count[b, batch["tgt_sent"][b, n]] += 1
+    pooled = pooled / count.clamp(min=1)[..., None]
+    torch.testing.assert_close(pooled_features(feats, batch), pooled, atol=1e-5, rtol=1e-5)
+    read = batch["tgt_sent_valid"]
+    if draws > 1:
+        read = read & first_copies(batch, "sentence")
+        assert int(read.sum()) < int(batch["tgt_sent_valid"].sum())
+    torch.manual_seed(5)  # the regulariser's directions, as in the loss
+    want = sigreg_term(pooled[read], n_dirs=128)
+    assert float(outputs.parts["reg"]) == pytest.approx(float(want), rel=1e-4)
+    # not the layer-normed targets' statistic
+    torch.manual_seed(5)
+    normed = sigreg_term(pooled_targets(feats, batch)[read], n_dirs=128)
+    assert abs(float(normed) - float(want)) > 1e-3
+    assert float(loss) == pytest.approx(float(outputs.parts["pred_loss"]) + 0.5 * float(want),
+                                        rel=1e-4)  # fmt: skip
+    # why: 32 sentences (about a mini micro-batch's) of rank 10 in 128 dimensions score about
+    # nine times a Gaussian sample's statistic as they are, and about twice once layer-normed
+    # (norm sqrt(128) each: every random projection then has about unit variance)
+    torch.manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(128, 10)).Q
+    low = torch.randn(32, 10) @ basis.T
+    stats = [float(sigreg_term(z, torch.Generator().manual_seed(1), n_dirs=256)) for z in (
+        low, F.layer_norm(low, (128,)), torch.randn(32, 128)
+    )]  # fmt: skip
+    raw_stat, normed_stat, gauss_stat = stats
+    assert raw_stat > 3 * normed_stat and raw_stat > 5 * gauss_stat, stats
+    assert normed_stat < 2.5 * gauss_stat, stats
 
 
 def test_flops_count_the_online_target_backward_and_the_sentence_attention(tiny_shards):
