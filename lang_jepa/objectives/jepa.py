@@ -602,6 +602,8 @@ class JEPAObjective:
         stats = representation_stats(outputs.predictions, outputs.targets, outputs.valid)
         out: dict[str, Tensor | float] = {f"repr/{k}": v for k, v in stats.items()}
         out["train/ema_momentum"] = self.momentum
+        # the loss's terms (pred_loss, reg[, infonce][, latent_loss, mlm_loss]): which one moves
+        out.update({f"loss/{k}": v for k, v in outputs.parts.items()})
         return out
 
     def evaluate(self, batches: Iterable[Batch]) -> dict[str, float]:

@@ -20,6 +20,7 @@ SCALARS = [
     "train/loss", "train/lr", "train/wd", "train/ema_momentum", "train/grad_norm",
     "perf/tokens_per_s", "perf/samples_per_s", "perf/tflops_per_gpu", "perf/step_ms",
     "perf/padding", "repr/target_std", "repr/pred_std", "repr/effective_rank", "repr/pred_target_cos", "val/loss",
+    "loss/pred_loss", "loss/reg",
 ]  # fmt: skip
 
 
