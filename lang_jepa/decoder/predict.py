@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .api import Decoder, DecoderError
-from .metrics import cosine_rows, reconstruction_scores, token_f1
+from .metrics import SemanticJudge, cosine_rows, reconstruction_scores, token_f1
 
 METHODS = ("prediction", "copy_neighbour", "reconstruction")
 
@@ -140,10 +140,11 @@ def hidden_sentences(run: Any, batches: list[dict], max_tokens: int) -> tuple[di
 
 def predict_windows(run_dir: str | Path, decoder_dir: str | Path, max_batches: int = 16,
                     examples: int = 12, tag: str | None = None,
-                    strategy: str = "greedy") -> dict[str, Any]:  # fmt: skip
+                    strategy: str = "greedy", semantic: bool = True) -> dict[str, Any]:  # fmt: skip
     """Predict, then say it, over the run's validation windows (its mask draws, as the predictor
-    table of the evaluation suite): each method's decoding scored against the true sentence.
-    Returns the ``predict_eval.json`` content."""
+    table of the evaluation suite): each method's decoding scored against the true sentence
+    (``semantic``: with all-MiniLM-L6-v2's cosine too, see :class:`SemanticJudge`). Returns the
+    ``predict_eval.json`` content."""
     from ..eval.predictor import eval_batches
 
     run, dec = load_predictor(run_dir, decoder_dir, tag)
@@ -159,12 +160,16 @@ def predict_windows(run_dir: str | Path, decoder_dir: str | Path, max_batches: i
     }
     true_text = dec.decode(hidden["true"])
     scores, written, written_ids = {}, {}, {}
+    judge = SemanticJudge() if semantic else None
+    judged = judge.embed(true_text) if judge is not None else None
     for name in METHODS:
         ids = dec.generate_ids(concepts[name], strategy=strategy)  # type: ignore[arg-type]
         written_ids[name], written[name] = ids, dec.decode(ids)
         s = reconstruction_scores(ids, hidden["true"], written[name], true_text)
         s["cycle_cosine"] = float(cosine_rows(embed(dec, ids), true_emb).mean())
         s["concept_cosine"] = float(cosine_rows(concepts[name], true_emb).mean())
+        if judge is not None:
+            s["semantic_cosine"] = judge.cosine(written[name], judged)
         scores[name] = s
     shown = list(range(0, len(true_text), max(1, len(true_text) // examples)))[:examples]
     return {
@@ -174,6 +179,7 @@ def predict_windows(run_dir: str | Path, decoder_dir: str | Path, max_batches: i
         "strategy": strategy,
         "sentences": {"scored": len(true_text), **dict(skipped)},
         "scores": scores,
+        "semantic_chance": None if judge is None else judge.chance(judged),
         "examples": [
             {
                 "true": true_text[i],
@@ -193,13 +199,20 @@ def predict_markdown(result: dict[str, Any]) -> tuple[str, str]:
         f"Run `{result['run']}` (step {result['run_step']}), decoder `{result['decoder']}`: "
         f"{result['sentences']['scored']} masked validation sentences, {result['strategy']} "
         "decoding\n\n| method | token F1 | exact match | BLEU | chrF | cycle cosine | concept "
-        "cosine |\n|---|---|---|---|---|---|---|\n"
+        "cosine | MiniLM cosine |\n|---|---|---|---|---|---|---|---|\n"
     )
     rows = [
         f"| {m} | {s['token_f1']:.3f} | {s['exact_match']:.3f} | {s['bleu']:.1f} | "
-        f"{s['chrf']:.1f} | {s['cycle_cosine']:.3f} | {s['concept_cosine']:.3f} |"
+        f"{s['chrf']:.1f} | {s['cycle_cosine']:.3f} | {s['concept_cosine']:.3f} | "
+        + ("—" if s.get("semantic_cosine") is None else f"{s['semantic_cosine']:.3f}")
+        + " |"
         for m, s in result["scores"].items()
     ]
+    if result.get("semantic_chance") is not None:
+        rows.append(
+            f"\nMiniLM cosine: all-MiniLM-L6-v2's cosine to the true sentence; unrelated "
+            f"sentences of the same set score {result['semantic_chance']:.3f}."
+        )
     page = ["# Predict, then say it", "",
             "| true sentence | prediction | copy-neighbour | reconstruction |", "|---|---|---|---|"]  # fmt: skip
     for e in result["examples"]:

@@ -95,6 +95,12 @@ def test_decoder_run_resumes_exactly_and_its_export_scores(encoder_export: Path,
 
     on_train = evaluate(export, tiny_shards, limit=20, split="train", examples=2)
     assert on_train["retrieval_scores"]["exact_match"] == 1.0
+    # the semantic judge (all-MiniLM-L6-v2): the nearest is the sentence itself, cosine 1, and
+    # unrelated sentences of the set score less
+    assert on_train["retrieval_scores"]["semantic_cosine"] == pytest.approx(1.0, abs=1e-5)
+    assert on_train["semantic_chance"] < 0.9
+    assert -1.0 <= result["scores"]["semantic_cosine"] <= 1.0
+    assert "MiniLM cosine" in (tmp_path / "eval" / "decoder_eval.md").read_text()
 
 
 def test_decoder_cli_errors_name_the_problem(tiny_shards: Path, tmp_path: Path) -> None:
@@ -149,6 +155,8 @@ def test_predict_then_say_it(encoder_export: Path, tiny_shards: Path, tmp_path: 
     assert result["scores"]["reconstruction"]["concept_cosine"] == pytest.approx(1.0, abs=1e-5)
     assert result["scores"]["copy_neighbour"]["concept_cosine"] < 0.999
     assert all(0.0 <= s["token_f1"] <= 1.0 for s in result["scores"].values())
+    assert all(-1.0 <= s["semantic_cosine"] <= 1.0 for s in result["scores"].values())
+    assert result["semantic_chance"] < 1.0
     assert len(result["examples"]) == 3 and all(e["true"] for e in result["examples"])
     page = (out / "predict_examples.md").read_text()
     assert result["examples"][0]["true"] in page and "| method | token F1" in table.stdout

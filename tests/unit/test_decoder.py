@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -66,6 +67,30 @@ def test_scores_known_answers() -> None:
     )
     off = reconstruction_scores([[3]], [[1, 2]], ["a dog"], ["the cat sat"])
     assert off["exact_match"] == 0.0 and off["bleu"] < 1 and off["chrf"] < 20
+
+
+def test_the_semantic_judge_scores_meaning_not_word_overlap() -> None:
+    """all-MiniLM-L6-v2 (offline copy): the original itself scores 1, a paraphrase with few
+    shared words scores above a sentence that shares most words but says another thing, and
+    unrelated sentences score the chance level."""
+    from lang_jepa.decoder.metrics import SemanticJudge
+
+    judge = SemanticJudge()
+    gold_text = ["the president signed the tax bill into law.",
+                 "the army crossed the river at dawn.",
+                 "prices of wheat fell sharply this year.",
+                 "the navy built three new ships."]  # fmt: skip
+    gold = judge.embed(gold_text)
+    assert judge.cosine(gold_text, gold) == pytest.approx(1.0, abs=1e-5)
+    paraphrase = ["the chief executive approved the new taxation act."]
+    same_words = ["the president signed the tax bill of the football club into a song."]
+    assert judge.cosine(paraphrase, gold[:1]) > judge.cosine(same_words, gold[:1])
+    assert token_f1(paraphrase[0].split(), gold_text[0].split()) < token_f1(
+        same_words[0].split(), gold_text[0].split()
+    )  # word overlap ranks them the other way
+    chance = judge.chance(gold)
+    assert chance < 0.4 < judge.cosine(paraphrase, gold[:1])
+    assert np.isnan(judge.chance(gold[:1]))
 
 
 def test_causal_prefix_decoder_ignores_later_tokens(export_dir: Path) -> None:
