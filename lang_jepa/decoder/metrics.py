@@ -62,12 +62,14 @@ class SemanticJudge:
 
     def cosine(self, pred_text: Sequence[str], gold: np.ndarray) -> float:
         """Mean cosine of each text to its original's embedding (``gold`` [N, D])."""
+        if len(pred_text) != len(gold):
+            raise ValueError(f"{len(pred_text)} texts against {len(gold)} originals")
         return float(cosine_rows(self.embed(pred_text), gold).mean())
 
     @staticmethod
-    def chance(gold: np.ndarray) -> float:
-        """Mean cosine of each original with the next one (rolled by half the set: another
-        sentence, most often of another document)."""
+    def chance(gold: np.ndarray) -> float | None:
+        """Mean cosine of each original with another one (rolled by half the set: another
+        sentence, most often of another document); None for fewer than two."""
         if len(gold) < 2:
-            return float("nan")
+            return None
         return float(cosine_rows(gold, np.roll(gold, len(gold) // 2, axis=0)).mean())

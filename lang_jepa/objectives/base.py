@@ -122,6 +122,10 @@ def gather_tokens(x: Tensor, index: Tensor, draws: int = 1) -> Tensor:
     the window features are never repeated."""
     if draws > 1:
         b, n = index.shape
+        if x.shape[0] * draws != b:
+            raise ValueError(
+                f"gather_tokens: {x.shape[0]} feature rows x {draws} draws != {b} index rows"
+            )
         rows = torch.arange(b, device=index.device) // draws
         flat = (rows[:, None] * x.shape[1] + index).flatten()
         return x.flatten(0, 1).index_select(0, flat).view(b, n, *x.shape[2:])

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -90,7 +89,32 @@ def test_the_semantic_judge_scores_meaning_not_word_overlap() -> None:
     )  # word overlap ranks them the other way
     chance = judge.chance(gold)
     assert chance < 0.4 < judge.cosine(paraphrase, gold[:1])
-    assert np.isnan(judge.chance(gold[:1]))
+    assert judge.chance(gold[:1]) is None
+    with pytest.raises(ValueError, match="2 texts against 1 originals"):
+        judge.cosine(gold_text[:2], gold[:1])
+
+
+def test_reports_render_without_the_semantic_judge() -> None:
+    """--no-semantic: the tables show a dash and no chance note."""
+    from lang_jepa.decoder.__main__ import markdown
+    from lang_jepa.decoder.predict import predict_markdown
+
+    row = {"sentences": 2, "token_f1": 0.5, "exact_match": 0.0, "bleu": 1.0, "chrf": 10.0,
+           "cycle_cosine": 0.3}  # fmt: skip
+    result = {"decoder": "d", "step": 1, "split": "val", "strategy": "greedy", "scores": row,
+              "retrieval_scores": {**row, "pool": 5}, "semantic_chance": None, "examples": []}  # fmt: skip
+    table, _ = markdown(result)
+    assert "| decoder | 0.500 | 0.000 | 1.0 | 10.0 | 0.300 | — |" in table
+    assert "unrelated" not in table
+    table, _ = markdown({**result, "scores": {**row, "semantic_cosine": 0.25},
+                         "semantic_chance": 0.1})  # fmt: skip
+    assert "| 0.300 | 0.250 |" in table and "score 0.100" in table
+    said = {"run": "r", "run_step": 1, "decoder": "d", "strategy": "greedy",
+            "sentences": {"scored": 2}, "scores": {"prediction": {**row, "concept_cosine": 0.2}},
+            "semantic_chance": None, "examples": []}  # fmt: skip
+    table, _ = predict_markdown(said)
+    assert "| prediction | 0.500 | 0.000 | 1.0 | 10.0 | 0.300 | 0.200 | — |" in table
+    assert "unrelated" not in table
 
 
 def test_causal_prefix_decoder_ignores_later_tokens(export_dir: Path) -> None:

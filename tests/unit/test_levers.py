@@ -611,6 +611,8 @@ def test_draws_cost_one_target_forward(tiny_shards, packing):
         assert calls == [len(one["input_ids"])]  # one forward over one copy of the windows
         want = target_features(target, one, None, cfg.target)
         torch.testing.assert_close(feats, want, rtol=0, atol=0)  # one row a window, not repeated
+        with pytest.raises(ValueError, match="feature rows x 3 draws"):
+            pooled_targets(feats.repeat_interleave(3, 0), batch)  # already repeated: refused
         # each draw's targets read its own window's row: as if the features were repeated
         rep = {**batch, "draws": 1}
         for fn in (pooled_targets, token_targets):
