@@ -37,7 +37,14 @@ from ..data.reader import decode_sample, read_shard, split_shards
 from ..encoder_api import read_export_config
 from ..shards import ShardFormatError
 from .api import Decoder, DecoderError, export_decoder
-from .metrics import SemanticJudge, cosine_rows, reconstruction_scores, token_f1
+from .metrics import (
+    SemanticJudge,
+    cosine_rows,
+    reconstruction_scores,
+    semantic_cell,
+    semantic_note,
+    token_f1,
+)
 from .predict import embed, predict_hidden, predict_markdown, predict_windows
 
 TRAIN_PY = Path(__file__).resolve().parent.parent.parent / "train.py"
@@ -134,18 +141,14 @@ def markdown(result: dict[str, Any]) -> tuple[str, str]:
         "| method | token F1 | exact match | BLEU | chrF | cycle cosine | MiniLM cosine |\n"
         "|---|---|---|---|---|---|---|\n"
         f"| decoder | {s['token_f1']:.3f} | {s['exact_match']:.3f} | {s['bleu']:.1f} | "
-        f"{s['chrf']:.1f} | {s['cycle_cosine']:.3f} | {_judged(s)} |\n"
+        f"{s['chrf']:.1f} | {s['cycle_cosine']:.3f} | {semantic_cell(s)} |\n"
     )
     if r is not None:  # the nearest of the training sentences by the encoder's cosine
         table += (
             f"| nearest of {r['pool']} training sentences | {r['token_f1']:.3f} | "
-            f"{r['exact_match']:.3f} | {r['bleu']:.1f} | {r['chrf']:.1f} | — | {_judged(r)} |\n"
+            f"{r['exact_match']:.3f} | {r['bleu']:.1f} | {r['chrf']:.1f} | — | {semantic_cell(r)} |\n"
         )
-    if result.get("semantic_chance") is not None:
-        table += (
-            f"\nMiniLM cosine: all-MiniLM-L6-v2's cosine to the original; unrelated sentences "
-            f"of the same set score {result['semantic_chance']:.3f}.\n"
-        )
+    table += semantic_note(result.get("semantic_chance"), "original")
     rows = ["| original | reconstruction | nearest training sentence | token F1 |",
             "|---|---|---|---|"]  # fmt: skip
     for e in result["examples"]:
@@ -154,11 +157,6 @@ def markdown(result: dict[str, Any]) -> tuple[str, str]:
             "| " + " | ".join(c.replace("|", "\\|") for c in cells) + f" | {e['token_f1']:.2f} |"
         )
     return table, "# Reconstructions\n\n" + "\n".join(rows) + "\n"
-
-
-def _judged(scores: dict[str, Any]) -> str:
-    value = scores.get("semantic_cosine")
-    return "—" if value is None else f"{value:.3f}"
 
 
 def cmd_predict(args: argparse.Namespace) -> int:

@@ -73,3 +73,20 @@ class SemanticJudge:
         if len(gold) < 2:
             return None
         return float(cosine_rows(gold, np.roll(gold, len(gold) // 2, axis=0)).mean())
+
+
+def semantic_cell(scores: dict) -> str:
+    """A table cell of the MiniLM cosine in ``scores``: a dash where the judge did not run."""
+    value = scores.get("semantic_cosine")
+    return "—" if value is None else f"{value:.3f}"
+
+
+def semantic_note(chance: float | None, against: str) -> str:
+    """The line under a table that says what the MiniLM cosine is and what unrelated sentences
+    score; empty where the judge did not run."""
+    if chance is None:
+        return ""
+    return (
+        f"\nMiniLM cosine: all-MiniLM-L6-v2's cosine to the {against}; unrelated sentences of "
+        f"the same set score {chance:.3f}.\n"
+    )

@@ -26,7 +26,14 @@ import numpy as np
 import torch
 
 from .api import Decoder, DecoderError
-from .metrics import SemanticJudge, cosine_rows, reconstruction_scores, token_f1
+from .metrics import (
+    SemanticJudge,
+    cosine_rows,
+    reconstruction_scores,
+    semantic_cell,
+    semantic_note,
+    token_f1,
+)
 
 METHODS = ("prediction", "copy_neighbour", "reconstruction")
 
@@ -204,18 +211,13 @@ def predict_markdown(result: dict[str, Any]) -> tuple[str, str]:
     rows = [
         f"| {m} | {s['token_f1']:.3f} | {s['exact_match']:.3f} | {s['bleu']:.1f} | "
         f"{s['chrf']:.1f} | {s['cycle_cosine']:.3f} | {s['concept_cosine']:.3f} | "
-        + ("—" if s.get("semantic_cosine") is None else f"{s['semantic_cosine']:.3f}")
-        + " |"
+        f"{semantic_cell(s)} |"
         for m, s in result["scores"].items()
     ]
-    if result.get("semantic_chance") is not None:
-        rows.append(
-            f"\nMiniLM cosine: all-MiniLM-L6-v2's cosine to the true sentence; unrelated "
-            f"sentences of the same set score {result['semantic_chance']:.3f}."
-        )
     page = ["# Predict, then say it", "",
             "| true sentence | prediction | copy-neighbour | reconstruction |", "|---|---|---|---|"]  # fmt: skip
     for e in result["examples"]:
         cells = [e["true"], *(f"{e[m]} ({e[f'{m}_token_f1']:.2f})" for m in METHODS)]
         page.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-    return head + "\n".join(rows) + "\n", "\n".join(page) + "\n"
+    note = semantic_note(result.get("semantic_chance"), "true sentence")
+    return head + "\n".join(rows) + "\n" + note, "\n".join(page) + "\n"
