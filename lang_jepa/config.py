@@ -133,6 +133,9 @@ class LossConfig:
     # window: the same window's other targets only, so that a prediction must tell the hidden
     # sentences of one window apart, which the topic of the document cannot do
     negatives: str = "batch"
+    # InfoNCE's extra negatives: the last K targets of this rank's training micro-batches, kept
+    # (detached, unit norm) in a queue that moves with the run (MoCo); 0: the micro-batch's only
+    queue: int = 0
     reg: str = "none"  # none | vicreg | sigreg
     # predictions | context (the context encoder's token features) | targets (the target-sentence
     # embeddings: the encoder's own pooled embeddings under target.source=online) | pooled (the
@@ -400,6 +403,22 @@ def validate(cfg: Config) -> None:
         "loss.negatives",
         f"window negatives need a latent objective (jepa, jepa+mlm), not {cfg.objective!r}",
     )
+    _check(cfg.loss.queue >= 0, "loss.queue", f"{cfg.loss.queue} < 0")
+    _check(
+        cfg.loss.queue == 0 or cfg.loss.type == "infonce" or cfg.loss.infonce_weight > 0,
+        "loss.queue",
+        "a queue of negatives needs InfoNCE (loss.type=infonce or loss.infonce_weight > 0)",
+    )
+    _check(
+        cfg.loss.queue == 0 or cfg.loss.negatives == "batch",
+        "loss.queue",
+        "a queue of other windows' targets contradicts loss.negatives=window",
+    )
+    _check(
+        cfg.loss.queue == 0 or cfg.objective in ("jepa", "jepa+mlm"),
+        "loss.queue",
+        f"a queue of negatives needs a latent objective (jepa, jepa+mlm), not {cfg.objective!r}",
+    )
     _check(cfg.loss.reg in ("none", "vicreg", "sigreg"), "loss.reg", f"{cfg.loss.reg!r} unknown")
     reg_on = cfg.loss.reg_on.split("+")
     _check(
@@ -499,6 +518,7 @@ INERT_DEFAULTS: dict[str, Any] = {
     "mask.queries": 0,
     "loss.negatives": "batch",
     "mask.draws": 1,
+    "loss.queue": 0,
 }
 
 

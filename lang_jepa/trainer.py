@@ -268,6 +268,7 @@ class Trainer:
             "skipped_steps": self.agreement.skipped_steps,
             "loader": self.loader.state_dict(),
             "rng": checkpoint.rng_state(),
+            "objective": self.objective.state_dict(),  # e.g. loss.queue's negatives
         }
         meta = {
             "step": self.step,
@@ -345,8 +346,15 @@ class Trainer:
                     "it across world sizes (accumulation then makes up the difference)",
                     old_glob, self.cfg.train.global_batch_size,
                 )  # fmt: skip
+            if states[0].get("objective"):
+                log.warning(
+                    "the checkpoint's per-rank objective state (loss.queue) was written by %d "
+                    "ranks and is not carried to %d: it starts empty", old_world, self.world,
+                )  # fmt: skip
         else:
-            checkpoint.set_rng_state(states[self.rank if relayout else 0]["rng"])
+            own = states[self.rank if relayout else 0]
+            checkpoint.set_rng_state(own["rng"])
+            self.objective.load_state_dict(own.get("objective") or {})
         if relayout:
             log.info(
                 "resumed from %s (step %d), written by %d ranks x %d data workers, on %d x %d: "

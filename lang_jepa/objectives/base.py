@@ -16,7 +16,10 @@ and answers, per micro-batch and per step,
 - :meth:`Objective.flops`: (model FLOPs, hardware FLOPs) of one prepared micro-batch;
 - :meth:`Objective.after_step`: what follows an applied optimizer step (JEPA: the EMA update);
 - :meth:`Objective.monitor`: representation statistics of one micro-batch's outputs;
-- :meth:`Objective.evaluate`: the cheap in-training evaluation (``eval/*`` scalars).
+- :meth:`Objective.evaluate`: the cheap in-training evaluation (``eval/*`` scalars);
+- :meth:`Objective.state_dict` / :meth:`Objective.load_state_dict`: per-rank state outside the
+  engine that an exact resume needs (JEPA: ``loss.queue``'s negatives), carried in the rank's
+  trainer state of each checkpoint.
 
 Objectives are registered in :data:`lang_jepa.objectives.OBJECTIVES` by the config value
 ``objective``; adding one is a module with a class satisfying :class:`Objective` plus its entry.
@@ -111,6 +114,15 @@ class Objective(Protocol):
 
     def summary(self) -> str:
         """One line for the start-up log (parameter counts)."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's state outside the engine and ``target`` (tensors and plain values: the
+        checkpoint is read with ``weights_only=True``); empty when there is none."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output on the same rank of a resumed run."""
         ...
 
 

@@ -150,6 +150,12 @@ class DecoderObjective:
     def evaluate(self, batches: Iterable[Batch]) -> dict[str, float]:
         return {}  # python -m lang_jepa.decoder eval scores reconstructions
 
+    def state_dict(self) -> dict[str, Any]:
+        return {}  # nothing per rank beyond the engine
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
+
     def summary(self) -> str:
         return (
             f"decoder {parameter_count(self.module) / 1e6:.1f}M params on the frozen encoder "

@@ -18,7 +18,15 @@ from torch import Tensor, nn
 from ..config import Config
 from ..data.windows import stable_hash63
 from .base import Batch, Outputs, Runtime, batch_segments, move_batch, parameter_count
-from .jepa import JEPA, JEPAObjective, candidates, jepa_loss, step_flops, window_features
+from .jepa import (
+    JEPA,
+    JEPAObjective,
+    candidates,
+    first_copies,
+    jepa_loss,
+    step_flops,
+    window_features,
+)
 from .mlm import mask_token_id, mlm_loss, mlm_mask
 
 
@@ -103,11 +111,14 @@ class JEPAMLMObjective(JEPAObjective):
             targets, valid, sentences = self.targets_from(out[3], batch)
         with phase("loss"):
             context = (out[2], batch["ctx_valid"]) if self.module.return_context else None
-            keep = candidates(batch, self.cfg.loss, self.cfg.target.level)
+            level = self.cfg.target.level
+            keep, once = candidates(batch, self.cfg.loss, level), first_copies(batch, level)
             pooled = self.pooled_for_reg(out[3] if online else None, batch)
             latent, parts = jepa_loss(
-                preds, targets, valid, self.cfg.loss, context, keep, pooled=pooled
-            )
+                preds, targets, valid, self.cfg.loss, context, keep, once, pooled,
+                self.negatives(),
+            )  # fmt: skip
+            self.enqueue(targets, valid, once)
             tokens = mlm_loss(logits, batch)
             loss = latent + self.cfg.loss.mlm_weight * tokens
         parts = {**parts, "latent_loss": latent.detach(), "mlm_loss": tokens.detach()}

@@ -296,14 +296,20 @@ def sigreg_term(z: Tensor, generator: torch.Generator | None = None, n_dirs: int
 
 
 def infonce(
-    pred: Tensor, target: Tensor, valid: Tensor, temperature: float, keep: Tensor | None = None
+    pred: Tensor,
+    target: Tensor,
+    valid: Tensor,
+    temperature: float,
+    keep: Tensor | None = None,
+    extra: Tensor | None = None,
 ) -> Tensor:
     """Contrastive prediction: each valid prediction is scored (cosine / ``temperature``) against
     every valid target of the micro-batch, its own being the right one; the same window's other
     targets are the hardest negatives. pred, target [B, X, D]; valid [B, X]. ``keep`` [N, N]
     (N = B x X, see :func:`candidates`) narrows the candidates of each prediction (row) to the
-    targets (columns) it marks; its diagonal must be set. Mean cross-entropy over the valid
-    predictions that have a negative (fp32); a mean prediction scores log(number of
+    targets (columns) it marks; its diagonal must be set. ``extra`` [Q, D]: negatives for every
+    prediction beside the micro-batch's (``loss.queue``'s past targets). Mean cross-entropy over
+    the valid predictions that have a negative (fp32); a mean prediction scores log(number of
     candidates)."""
     p = F.normalize(pred.float().flatten(0, 1), dim=-1)
     t = F.normalize(target.float().flatten(0, 1), dim=-1)
@@ -311,8 +317,12 @@ def infonce(
     logits = (p @ t.T) / temperature
     allowed = v[None, :] if keep is None else v[None, :] & keep
     logits = logits.masked_fill(~allowed, -1e4)  # finite: no NaN when a row has no target
+    n_extra = 0
+    if extra is not None and len(extra) > 0:
+        n_extra = len(extra)
+        logits = torch.cat([logits, (p @ F.normalize(extra.float(), dim=-1).T) / temperature], 1)
     ce = F.cross_entropy(logits, torch.arange(len(v), device=v.device), reduction="none")
-    w = (v & (allowed.sum(1) > 1)).float()  # a prediction with no negative scores nothing
+    w = (v & (allowed.sum(1) + n_extra > 1)).float()  # a prediction with no negative: nothing
     return (ce * w).sum() / w.sum().clamp(min=1.0)
 
 
@@ -381,6 +391,7 @@ def jepa_loss(
     keep: Tensor | None = None,
     once: Tensor | None = None,
     pooled: tuple[Tensor, Tensor] | None = None,
+    queue: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Mean loss over the valid target slots (sentences [B, S] or tokens [B, Nt]), plus InfoNCE
     (``loss.infonce_weight``, or alone with ``loss.type=infonce``) and an optional regulariser on
@@ -388,7 +399,8 @@ def jepa_loss(
     or the target sentences' pooled features before their layer norm (``pooled``: [B, S, D] and
     the sentences it reads [B, S], see :meth:`JEPAObjective.pooled_for_reg`).
     ``keep``: InfoNCE's candidates (:func:`candidates`), which ``loss.negatives=window`` needs;
-    ``once`` [B, X]: the slots the regulariser on the targets reads (:func:`first_copies`).
+    ``once`` [B, X]: the slots the regulariser on the targets reads (:func:`first_copies`);
+    ``queue`` [Q, D]: InfoNCE's extra negatives (:class:`TargetQueue`).
 
     pred, target [B, X, D]; valid [B, X]. Returns (loss, {"pred_loss", "reg"[, "infonce"]}), fp32.
     """
@@ -397,7 +409,7 @@ def jepa_loss(
     if cfg.negatives == "window" and keep is None:
         raise ValueError("loss.negatives=window needs the candidates of each slot (keep)")
     if cfg.type == "infonce":
-        pred_loss = infonce(pred, target, valid, cfg.temperature, keep)
+        pred_loss = infonce(pred, target, valid, cfg.temperature, keep, queue)
     else:
         if cfg.type == "smooth_l1":
             per = F.smooth_l1_loss(pred, target, reduction="none", beta=cfg.smooth_l1_beta).mean(-1)
@@ -408,7 +420,7 @@ def jepa_loss(
         weights = valid.float()
         pred_loss = (per * weights).sum() / weights.sum().clamp(min=1.0)
         if cfg.infonce_weight > 0:
-            nce = infonce(pred, target, valid, cfg.temperature, keep)
+            nce = infonce(pred, target, valid, cfg.temperature, keep, queue)
             parts["infonce"] = nce.detach()
             pred_loss = pred_loss + cfg.infonce_weight * nce
     reg = pred_loss.new_zeros(())
@@ -487,6 +499,46 @@ def step_flops(model: JEPA, batch: Batch, recompute: bool) -> tuple[Tensor, Tens
     return model_flops, hardware_flops  # 0-d tensors on the batch's device (no host sync)
 
 
+class TargetQueue:
+    """``loss.queue``: the last ``size`` loss targets of this rank's training micro-batches,
+    detached and unit-normalised, as InfoNCE's extra negatives (MoCo's queue: far more candidates
+    than a micro-batch holds, for the price of one [N, size] matmul). The oldest are replaced
+    first. Each rank keeps its own; its state travels in the rank's trainer state, so a resumed
+    run scores against the same negatives."""
+
+    def __init__(self, size: int, dim: int, device: torch.device) -> None:
+        self.bank = torch.zeros(size, dim, device=device)
+        self.filled = 0  # entries written so far, up to size
+        self.head = 0  # the next slot to write
+
+    def negatives(self) -> Tensor | None:
+        """[filled, D], or None while empty."""
+        return self.bank[: self.filled] if self.filled else None
+
+    @torch.no_grad()
+    def push(self, z: Tensor) -> None:
+        """Enqueue z [N, D] (the last ``size`` rows when N is larger)."""
+        size = len(self.bank)
+        z = F.normalize(z.detach().float(), dim=-1)[-size:]
+        slots = (self.head + torch.arange(len(z), device=self.bank.device)) % size
+        self.bank[slots] = z.to(self.bank.device)
+        self.head = (self.head + len(z)) % size
+        self.filled = min(size, self.filled + len(z))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"bank": self.bank.cpu().clone(), "filled": self.filled, "head": self.head}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        bank = state["bank"]
+        if bank.shape != self.bank.shape:
+            raise ValueError(
+                f"loss.queue: the checkpoint's queue is {tuple(bank.shape)}, this run's "
+                f"{tuple(self.bank.shape)} (loss.queue x model.dim)"
+            )
+        self.bank.copy_(bank)
+        self.filled, self.head = int(state["filled"]), int(state["head"])
+
+
 class EmaTarget:
     """The EMA update of a target encoder from the online encoder's fp32 master weights, under
     ZeRO-0..3: a per-tensor lerp when this rank holds every weight whole (one rank, ZeRO-0),
@@ -527,6 +579,28 @@ class JEPAObjective:
         self.target: TextEncoder = target.to(rt.device)
         self.ema = EmaTarget(self.target, self.module.encoder, rt)
         self.momentum = math.nan  # of the last EMA update
+        self.queue: TargetQueue | None = None
+        if cfg.loss.queue > 0:
+            self.queue = TargetQueue(cfg.loss.queue, cfg.model.dim, rt.device)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Per-rank state an exact resume needs beyond the engine and the target encoder: the
+        ``loss.queue`` of negatives (empty without one)."""
+        return {} if self.queue is None else {"queue": self.queue.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.queue is not None and "queue" in state:
+            self.queue.load_state_dict(state["queue"])
+
+    def negatives(self) -> Tensor | None:
+        """``loss.queue``'s negatives for this micro-batch's InfoNCE (None without a queue)."""
+        return None if self.queue is None else self.queue.negatives()
+
+    def enqueue(self, targets: Tensor, valid: Tensor, once: Tensor | None) -> None:
+        """After a training micro-batch's loss: its valid targets (each once under
+        ``mask.draws``) join the queue. Validation (module in eval mode) leaves it as it is."""
+        if self.queue is not None and self.module.training:
+            self.queue.push(targets[valid if once is None else valid & once])
 
     def prepare(self, batch: dict[str, Any], split: str, key: tuple[int, ...]) -> Batch:
         return move_batch(batch, self.rt.device)
@@ -565,8 +639,10 @@ class JEPAObjective:
             keep, once = candidates(batch, self.cfg.loss, level), first_copies(batch, level)
             pooled = self.pooled_for_reg(feats if online else None, batch)
             loss, parts = jepa_loss(
-                preds, targets, valid, self.cfg.loss, context, keep, once, pooled
-            )
+                preds, targets, valid, self.cfg.loss, context, keep, once, pooled,
+                self.negatives(),
+            )  # fmt: skip
+            self.enqueue(targets, valid, once)
         return loss, self.outputs(preds, sentences, batch, parts)
 
     def pooled_for_reg(self, feats: Tensor | None, batch: Batch) -> tuple[Tensor, Tensor] | None:

@@ -145,6 +145,12 @@ class MLMObjective:
     def evaluate(self, batches: Iterable[Batch]) -> dict[str, float]:
         return {}  # the predictor metrics do not apply; the offline suite scores the encoder
 
+    def state_dict(self) -> dict[str, Any]:
+        return {}  # nothing per rank beyond the engine
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
+
     def summary(self) -> str:
         n_enc = parameter_count(self.module.encoder)
         n_head = parameter_count(self.module) - n_enc

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.helpers import cpu_env, free_port, kill_tree, losses, wait_for_run_dir_release
 
@@ -190,3 +191,29 @@ def test_resume_errors_are_loud(tmp_path, tiny_shards):
     (run_dir / "checkpoints" / "step00000005" / "meta.json").unlink()
     broken = run(command(run_dir, tiny_shards, 2))
     assert broken.returncode != 0 and "incomplete checkpoint" in broken.stderr
+
+
+QUEUE = ["target.source=online", "loss.type=infonce", "loss.queue=48", "optim.ema_start=0.0",
+         "optim.ema_end=0.0", "train.max_steps=12"]  # fmt: skip
+
+
+def test_resume_with_a_queue_of_negatives_is_bit_exact(tmp_path, tiny_shards):
+    """``loss.queue``'s negatives live outside the engine, one queue per rank: a resumed run
+    scores against the queue each rank had at the checkpoint."""
+    ref_dir, split_dir, plain_dir = tmp_path / "ref", tmp_path / "split", tmp_path / "plain"
+    ref = run(command(ref_dir, tiny_shards, 2, *QUEUE))
+    assert ref.returncode == 0, ref.stderr[-4000:]
+    first = run(command(split_dir, tiny_shards, 2, *QUEUE, "train.exit_at_step=6"))
+    assert first.returncode == 0, first.stderr[-4000:]
+    for rank in range(2):  # each rank's queue is in its trainer state
+        state = torch.load(split_dir / "checkpoints" / "step00000005" /
+                           f"trainer_state_rank{rank}.pt", weights_only=True)  # fmt: skip
+        assert state["objective"]["queue"]["filled"] > 0
+    second = run(command(split_dir, tiny_shards, 2, *QUEUE))
+    assert second.returncode == 0 and "resumed from" in second.stdout, second.stderr[-4000:]
+    assert losses(split_dir) == losses(ref_dir)
+    # the queue is in those losses: without it (or resumed with an empty one) they differ
+    plain = run(command(plain_dir, tiny_shards, 2, *QUEUE, "loss.queue=0"))
+    assert plain.returncode == 0, plain.stderr[-4000:]
+    assert losses(plain_dir)[1] == losses(ref_dir)[1]  # step 1: the queue is still empty
+    assert all(losses(plain_dir)[s] != losses(ref_dir)[s] for s in range(7, 13))

@@ -706,3 +706,89 @@ def test_draws_count_each_hidden_sentence_once_outside_the_loss(tiny_shards):
     # validation: one draw, one row per window
     val = next(iter(build_val_loader(cfg, 0, 1)))
     assert "draws" not in val and len(val["input_ids"]) <= cfg.data.micro_batch_size
+
+
+def test_queued_negatives_are_candidates_for_every_prediction():
+    n, d = 6, 32
+    target = (torch.eye(d)[:n] * 3.0).reshape(2, 3, d)
+    valid = torch.ones(2, 3, dtype=torch.bool)
+    queue = torch.eye(d)[n : n + 10] * 3.0  # ten other directions
+    # a perfect predictor still scores ~0: the queue's targets are orthogonal to every prediction
+    assert float(infonce(target.clone(), target, valid, 0.05, extra=queue)) < 1e-6
+    # the mean prediction scores log(batch + queue): every queued target is one more candidate
+    mean = (target.flatten(0, 1).sum(0) + queue.sum(0)) / (n + 10)
+    mean = mean.expand_as(target)
+    assert float(infonce(mean, target, valid, 0.05, extra=queue)) == pytest.approx(
+        math.log(n + 10), rel=1e-5
+    )
+    # one valid slot and no other target in the batch: the queue alone gives it its negatives
+    alone = torch.zeros_like(valid)
+    alone[0, 0] = True
+    assert float(infonce(target, target, alone, 0.05)) == 0.0  # no negative: scores nothing
+    assert float(infonce(mean, target, alone, 0.05, extra=queue)) == pytest.approx(
+        math.log(11), rel=1e-5
+    )
+
+
+def test_the_queue_keeps_the_newest_targets_and_its_state_round_trips():
+    from lang_jepa.objectives.jepa import TargetQueue
+
+    q = TargetQueue(4, 3, torch.device("cpu"))
+    assert q.negatives() is None
+    q.push(torch.tensor([[2.0, 0, 0], [0, 3.0, 0]]))  # unit-normalised on the way in
+    torch.testing.assert_close(q.negatives(), torch.tensor([[1.0, 0, 0], [0, 1.0, 0]]))
+    q.push(torch.tensor([[0, 0, 1.0], [1.0, 1.0, 0], [0, 1.0, 1.0]]))  # wraps: the oldest goes
+    s = 2**-0.5
+    want = torch.tensor([[0, s, s], [0, 1.0, 0], [0, 0, 1.0], [s, s, 0]])
+    torch.testing.assert_close(q.negatives(), want)
+    q.push(torch.arange(18.0).view(6, 3) + 1)  # more than the queue: its last four rows,
+    newest = F.normalize(torch.arange(6.0, 18.0).view(4, 3) + 1)  # written from slot 1 on
+    torch.testing.assert_close(q.negatives(), newest.roll(1, 0))
+    other = TargetQueue(4, 3, torch.device("cpu"))
+    other.load_state_dict(q.state_dict())
+    torch.testing.assert_close(other.negatives(), q.negatives())
+    assert (other.head, other.filled) == (q.head, q.filled)
+    with pytest.raises(ValueError, match="loss.queue"):
+        TargetQueue(8, 3, torch.device("cpu")).load_state_dict(q.state_dict())
+
+
+@pytest.mark.parametrize("objective_name", ["jepa", "jepa+mlm"])
+def test_training_micro_batches_fill_the_queue_and_validation_reads_it(tiny_shards, objective_name):
+    cfg, _, _, batch, vocab = setup_batch(
+        tiny_shards, f"objective={objective_name}", "target.source=online", "loss.type=infonce",
+        "loss.queue=64", "optim.ema_start=0.0", "optim.ema_end=0.0",
+    )  # fmt: skip
+    cfg.model.vocab_size = vocab
+    objective = build_objective(cfg, vocab, CPU)
+    prepared = objective.prepare(batch, "train", (0, 0, 0))
+    model = objective.module
+    n_valid = int(batch["tgt_sent_valid"].sum())
+    # an empty queue: the micro-batch's candidates only
+    first = objective.loss(model, prepared)[0].detach()
+    assert objective.queue.filled == min(64, n_valid)
+    queued = objective.queue.negatives().clone()
+    # the same micro-batch again, now against its own targets in the queue as well
+    model.eval()  # validation: reads the queue, adds nothing to it
+    with torch.no_grad():
+        again, _ = objective.loss(model, prepared)
+    assert objective.queue.filled == min(64, n_valid)
+    torch.testing.assert_close(objective.queue.negatives(), queued)
+    assert float(again) > float(first)  # more candidates (each target's own copy among them)
+    # the queue travels in the objective's per-rank state
+    state = objective.state_dict()
+    fresh = build_objective(cfg, vocab, CPU)
+    fresh.load_state_dict(state)
+    torch.testing.assert_close(fresh.queue.negatives(), queued)
+
+
+def test_queue_settings_are_checked(tiny_shards):
+    base = [f"data.shards={tiny_shards}"]
+    with pytest.raises(ConfigError, match="'loss.queue'.*InfoNCE"):
+        load_config("tiny", [*base, "loss.queue=128"])
+    with pytest.raises(ConfigError, match="'loss.queue'"):
+        load_config("tiny", [*base, "loss.queue=-1"])
+    with pytest.raises(ConfigError, match="'loss.queue'.*window"):
+        load_config("tiny", [*base, "loss.type=infonce", "loss.negatives=window", "loss.queue=8"])
+    with pytest.raises(ConfigError, match="'loss.queue'.*latent objective"):
+        load_config("tiny", [*base, "objective=mlm", "loss.infonce_weight=1", "loss.queue=8"])
+    assert load_config("tiny", [*base, "loss.type=infonce", "loss.queue=8"]).loss.queue == 8
