@@ -96,6 +96,15 @@ class MaskConfig:
     # row(s) of context and predictions, while the target encoder reads the window once for all
     # of them (the validation batches keep one draw)
     draws: int = 1
+    # what a target block is. sentence: a run of whole consecutive sentences (the blocks above).
+    # span: a run of span_min..span_max tokens inside one sentence, the rest of the sentence left
+    # in the context, spans drawn until span_frac of the window's tokens are hidden; each span is
+    # one target slot. The neighbouring words then say much of what is missing (data2vec's and
+    # SpanBERT's regime), where a whole hidden sentence is barely predictable from the others
+    unit: str = "sentence"
+    span_min: int = 3
+    span_max: int = 10
+    span_frac: float = 0.2
 
 
 @dataclass
@@ -358,6 +367,21 @@ def validate(cfg: Config) -> None:
     _check(0 <= mk.min_context_frac < 1, "mask.min_context_frac", "must be in [0, 1)")
     _check(mk.queries >= 0, "mask.queries", f"{mk.queries} is negative")
     _check(mk.draws >= 1, "mask.draws", f"{mk.draws} is not a positive number of draws")
+    _check(mk.unit in ("sentence", "span"), "mask.unit", f"{mk.unit!r} is not sentence | span")
+    _check(
+        1 <= mk.span_min <= mk.span_max, "mask.span_max", "need 1 <= span_min <= span_max tokens"
+    )
+    _check(
+        0 < mk.span_frac <= 1 - mk.min_context_frac,
+        "mask.span_frac",
+        f"{mk.span_frac} is not in (0, 1 - mask.min_context_frac]",
+    )
+    _check(
+        mk.unit == "sentence" or (mk.queries == 0 and cfg.objective in ("jepa", "jepa+mlm")),
+        "mask.unit",
+        "spans need a latent objective (jepa, jepa+mlm) and mask.queries=0 (queries stand for "
+        "whole hidden sentences)",
+    )
     _check(
         mk.draws == 1 or cfg.objective == "jepa",
         "mask.draws",
@@ -518,6 +542,10 @@ INERT_DEFAULTS: dict[str, Any] = {
     "mask.queries": 0,
     "loss.negatives": "batch",
     "mask.draws": 1,
+    "mask.unit": "sentence",
+    "mask.span_min": 3,
+    "mask.span_max": 10,
+    "mask.span_frac": 0.2,
     "loss.queue": 0,
 }
 

@@ -3,10 +3,12 @@
 The three steps, each testable with plain tensors:
 
 1. :func:`sample_target_sentences` (sentence lengths, MaskConfig, torch.Generator) -> target blocks,
-   each a run of whole consecutive sentences.
-2. :func:`mask_indices` (sentence offsets, blocks) -> context token indices, target token indices
-   and the target-sentence slot of every target token. Context and targets are disjoint and cover
-   the window; the context encoder receives only ``ctx_index`` tokens, never a target token.
+   each a run of whole consecutive sentences; or, with ``mask.unit=span``,
+   :func:`sample_target_spans` (sentence offsets, ...) -> token spans inside sentences.
+2. :func:`mask_indices` (sentence offsets, blocks) or :func:`span_indices` (window length, spans)
+   -> context token indices, target token indices and the target slot of every target token (a
+   hidden sentence, or a hidden span). Context and targets are disjoint and cover the window;
+   the context encoder receives only ``ctx_index`` tokens, never a target token.
 3. :func:`collate_rows` lays masked windows out as the batch contract (see
    :func:`collate_arrays`): one window per row, or several per row with their segment bounds.
 
@@ -125,6 +127,54 @@ def sample_target_sentences(
     return sorted(blocks)
 
 
+def sample_target_spans(
+    offsets: np.ndarray | Tensor, cfg: MaskConfig, generator: torch.Generator
+) -> np.ndarray:
+    """``mask.unit=span``: target spans [S, 2] (start, end token; sorted, end exclusive), each a
+    run of ``span_min..span_max`` tokens inside one sentence that leaves at least one token of
+    its sentence visible, apart from the other spans by at least one visible token. Spans are
+    drawn (a length, then a start among the tokens where it fits) until ``span_frac`` of the
+    window's tokens are hidden, within the ``min_context_frac`` budget; a span that no longer
+    fits is shortened to what still does. A window with no sentence of two or more tokens hides
+    one token of its longest sentence (whole)."""
+    off = np.asarray(offsets, dtype=np.int64)
+    total = int(off[-1])
+    if len(off) < 3:
+        raise ValueError(f"a window needs at least 2 sentences to mask, got {len(off) - 1}")
+    u = _Uniforms(generator)
+    want = max(1, round(cfg.span_frac * total))
+    budget = min(want, total - math.ceil(cfg.min_context_frac * total))
+    # where a span may lie: inside one sentence, never its every token
+    sent = np.repeat(np.arange(len(off) - 1), np.diff(off))
+    to_end = off[sent + 1] - np.arange(total)  # tokens from here to the sentence's end
+    longest = np.diff(off)[sent] - 1  # the longest span the token's sentence takes
+    free = np.ones(total + 2, dtype=bool)  # a guard token either side: index i + 1 is token i
+    spans: list[tuple[int, int]] = []
+    hidden = 0
+    for _ in range(4 * (want // max(cfg.span_min, 1) + 2)):  # bounded: a window may fill up
+        if hidden >= budget:
+            break
+        length = cfg.span_min + int(u() * (cfg.span_max - cfg.span_min + 1))
+        length = min(length, budget - hidden)
+        # starts where `length` tokens fit in the sentence, all free, with a free token either side
+        padded = np.concatenate((free, np.ones(length, dtype=bool)))  # one row per token
+        run = np.lib.stride_tricks.sliding_window_view(padded, length + 2)[:total]
+        fits = (to_end >= length) & (longest >= length) & run.all(1)
+        if not fits.any():
+            if length == 1:
+                break
+            continue  # a shorter draw may still fit
+        starts = np.flatnonzero(fits)
+        start = int(starts[min(int(u() * len(starts)), len(starts) - 1)])
+        free[start + 1 : start + 1 + length] = False
+        spans.append((start, start + length))
+        hidden += length
+    if not spans:  # every sentence is one token long: one of them, whole
+        first = int(off[np.argmax(np.diff(off))])
+        spans.append((first, first + 1))
+    return np.asarray(sorted(spans), dtype=np.int64).reshape(-1, 2)
+
+
 class WindowMask(NamedTuple):
     """Index tensors of one window (all int64, token indices into the window)."""
 
@@ -139,21 +189,26 @@ def mask_indices(offsets: np.ndarray | Tensor, blocks: list[list[int]]) -> Windo
 
     ``offsets`` [s + 1] sentence boundaries of the window (starting at 0); ``blocks`` lists of
     sentence numbers. Target slots number the target sentences in order (0..S-1). Vectorised: one
-    ``np.repeat`` gather, no loop per token.
+    ``np.repeat`` gather, no loop per token (:func:`span_indices`, each sentence a span).
     """
     off = np.asarray(offsets, dtype=np.int64)
-    n_tokens = int(off[-1])
     tgt_sents = np.unique(np.asarray([s for b in blocks for s in b], dtype=np.int64))
-    starts, ends = off[tgt_sents], off[tgt_sents + 1]
+    return span_indices(int(off[-1]), np.stack([off[tgt_sents], off[tgt_sents + 1]], 1))
+
+
+def span_indices(n_tokens: int, spans: np.ndarray) -> WindowMask:
+    """Context / target token indices of a window of ``n_tokens`` from its target spans [S, 2]
+    (start, end exclusive; sorted, disjoint): span s is target slot s."""
+    starts, ends = spans[:, 0], spans[:, 1]
     lens = ends - starts
-    slot = np.repeat(np.arange(len(tgt_sents), dtype=np.int64), lens)
+    slot = np.repeat(np.arange(len(spans), dtype=np.int64), lens)
     first = np.repeat(np.cumsum(lens) - lens, lens)
     tgt = np.repeat(starts, lens) + (np.arange(len(slot), dtype=np.int64) - first)
     is_tgt = np.zeros(n_tokens, dtype=bool)
     is_tgt[tgt] = True
     ctx = np.flatnonzero(~is_tgt)
     return WindowMask(
-        torch.from_numpy(ctx), torch.from_numpy(tgt), torch.from_numpy(slot), len(tgt_sents)
+        torch.from_numpy(ctx), torch.from_numpy(tgt), torch.from_numpy(slot), len(spans)
     )
 
 
@@ -168,6 +223,9 @@ def mask_draws(
     """``draws`` masks of one window, drawn one after another from its hash-derived generator
     (the first is :func:`mask_window`'s)."""
     g = window_generator(seed, epoch, window.doc_key, window.index)
+    if cfg.unit == "span":
+        spans = [sample_target_spans(window.offsets, cfg, g) for _ in range(draws)]
+        return [span_indices(window.n_tokens, sp) for sp in spans]
     lengths = np.diff(window.offsets)
     return [
         mask_indices(window.offsets, sample_target_sentences(lengths, cfg, g)) for _ in range(draws)

@@ -792,3 +792,39 @@ def test_queue_settings_are_checked(tiny_shards):
     with pytest.raises(ConfigError, match="'loss.queue'.*latent objective"):
         load_config("tiny", [*base, "objective=mlm", "loss.infonce_weight=1", "loss.queue=8"])
     assert load_config("tiny", [*base, "loss.type=infonce", "loss.queue=8"]).loss.queue == 8
+
+
+def test_span_targets_pool_each_hidden_span(tiny_shards):
+    cfg, _, _, batch, vocab = setup_batch(
+        tiny_shards, "mask.unit=span", "mask.span_min=2", "mask.span_max=5",
+        "target.source=online", "loss.type=infonce", "optim.ema_start=0.0", "optim.ema_end=0.0",
+    )  # fmt: skip
+    objective = build_objective(cfg, vocab, CPU)
+    model = objective.module
+    _, _, feats = model(batch)
+    targets = pooled_targets(feats, batch)
+    row = 0
+    tgt, slot = batch["tgt_index"][row], batch["tgt_sent"][row]
+    tgt, slot = tgt[batch["tgt_valid"][row]], slot[batch["tgt_valid"][row]]
+    n_slots = int(batch["tgt_sent_valid"][row].sum())
+    assert n_slots > 1 and len(tgt) <= 0.2 * int(batch["valid"][row].sum()) + 1
+    for s in range(n_slots):  # each slot: a run of 2..5 adjacent tokens, mean-pooled
+        run = tgt[slot == s]
+        assert 1 <= len(run) <= 5 and (run.diff() == 1).all()
+        want = F.layer_norm(feats[row, run].mean(0), (feats.shape[-1],))
+        torch.testing.assert_close(targets[row, s], want, atol=1e-5, rtol=1e-5)
+    loss, outputs = objective.loss(model, batch)
+    assert torch.isfinite(loss) and outputs.valid.sum() == batch["tgt_sent_valid"].sum()
+
+
+def test_span_settings_are_checked(tiny_shards):
+    base = [f"data.shards={tiny_shards}"]
+    for bad, key in [("mask.unit=word", "mask.unit"), ("mask.span_min=0", "mask.span_max"),
+                     ("mask.span_max=2", "mask.span_max"), ("mask.span_frac=0.9", "mask.span_frac"),
+                     ("mask.span_frac=0", "mask.span_frac")]:  # fmt: skip
+        with pytest.raises(ConfigError, match=f"'{key}'"):
+            load_config("tiny", [*base, "mask.unit=span", bad])
+    with pytest.raises(ConfigError, match="'mask.unit'.*queries"):
+        load_config("tiny", [*base, "mask.unit=span", "mask.queries=4", "model.pos=rope"])
+    with pytest.raises(ConfigError, match="'mask.unit'.*latent objective"):
+        load_config("tiny", [*base, "mask.unit=span", "objective=mlm"])

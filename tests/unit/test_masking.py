@@ -13,6 +13,8 @@ from lang_jepa.data.masking import (
     mask_indices,
     mask_window,
     sample_target_sentences,
+    sample_target_spans,
+    span_indices,
     window_generator,
 )
 from lang_jepa.data.windows import Window
@@ -198,3 +200,76 @@ def test_queries_renumber_every_hidden_sentence_to_k_positions():
         assert int(batch["tgt_valid"].sum()) == (5 + 4) + (9 + 1)
     without = collate_rows([[(a, ma)]], 48, False)
     assert "qry_pos" not in without and "ctx_pos" not in without
+
+
+SPAN = MaskConfig(unit="span", span_min=3, span_max=10, span_frac=0.2)
+
+
+def _check_spans(lengths: np.ndarray, spans: np.ndarray, cfg: MaskConfig) -> None:
+    offsets = np.asarray(_offsets(lengths))
+    total = int(offsets[-1])
+    sent = np.repeat(np.arange(len(lengths)), lengths)
+    hidden = np.zeros(total, dtype=bool)
+    assert len(spans) >= 1 and (np.diff(spans[:, 0]) > 0).all(), "spans sorted"
+    for start, end in spans.tolist():
+        assert 1 <= end - start <= cfg.span_max
+        assert sent[start] == sent[end - 1], "a span stays inside its sentence"
+        if lengths[sent[start]] > 1:  # some of its sentence stays visible
+            assert end - start < lengths[sent[start]]
+        assert not hidden[max(start - 1, 0) : end + 1].any(), "spans apart by a visible token"
+        hidden[start:end] = True
+    budget = min(
+        max(1, round(cfg.span_frac * total)), total - int(np.ceil(cfg.min_context_frac * total))
+    )
+    assert hidden.sum() <= max(budget, 1)
+    # every span but the last drawn is at least span_min long (the last may be cut to fit)
+    assert (np.sort(spans[:, 1] - spans[:, 0])[1:] >= cfg.span_min).all()
+
+
+def test_spans_stay_inside_sentences_and_hide_their_share():
+    rng = np.random.default_rng(2)
+    shares = []
+    for i in range(300):
+        lengths = rng.integers(4, 40, size=int(rng.integers(2, 12)))
+        spans = sample_target_spans(_offsets(lengths), SPAN, window_generator(0, 0, "d", i))
+        _check_spans(lengths, spans, SPAN)
+        shares.append((spans[:, 1] - spans[:, 0]).sum() / lengths.sum())
+    # the windows have room: nearly every one hides its 20% (to the rounding of one token)
+    assert np.mean(np.abs(np.asarray(shares) - 0.2) < 0.02) > 0.9
+
+
+def test_tiny_windows_still_get_a_target_span():
+    for lengths in ([1, 1], [2, 1], [1, 30], [3, 3, 3]):
+        arr = np.asarray(lengths)
+        for seed in range(20):
+            spans = sample_target_spans(_offsets(arr), SPAN, torch.Generator().manual_seed(seed))
+            _check_spans(arr, spans, SPAN)
+            m = span_indices(int(arr.sum()), spans)
+            assert len(m.ctx_index) >= 1 and m.n_tgt_sents == len(spans)
+
+
+def test_span_indices_number_the_spans_as_target_slots():
+    m = span_indices(12, np.array([[2, 5], [7, 8]]))
+    assert m.n_tgt_sents == 2
+    assert m.tgt_index.tolist() == [2, 3, 4, 7]
+    assert m.tgt_sent.tolist() == [0, 0, 0, 1]
+    assert m.ctx_index.tolist() == [0, 1, 5, 6, 8, 9, 10, 11]
+
+
+def test_span_masks_are_the_windows_own_and_go_through_the_collate():
+    rng = np.random.default_rng(3)
+    windows = _windows(rng, 6)
+    masks = [mask_window(w, SPAN, 0, 0) for w in windows]
+    assert [mask_window(w, SPAN, 0, 0).tgt_index.tolist() for w in windows] == [
+        m.tgt_index.tolist() for m in masks
+    ]
+    batch = collate(windows, masks, 256)
+    for row, (w, m) in enumerate(zip(windows, masks, strict=True)):
+        sent = np.repeat(np.arange(len(w.offsets) - 1), np.diff(w.offsets))
+        n_tgt = len(m.tgt_index)
+        slots = batch["tgt_sent"][row, :n_tgt].numpy()
+        tokens = batch["tgt_index"][row, :n_tgt].numpy()
+        for s in range(m.n_tgt_sents):  # each slot: one contiguous run inside one sentence
+            run = tokens[slots == s]
+            assert (np.diff(run) == 1).all() and len(set(sent[run])) == 1
+        assert int(batch["tgt_sent_valid"][row].sum()) == m.n_tgt_sents
