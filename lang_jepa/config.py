@@ -368,20 +368,24 @@ def validate(cfg: Config) -> None:
     _check(mk.queries >= 0, "mask.queries", f"{mk.queries} is negative")
     _check(mk.draws >= 1, "mask.draws", f"{mk.draws} is not a positive number of draws")
     _check(mk.unit in ("sentence", "span"), "mask.unit", f"{mk.unit!r} is not sentence | span")
-    _check(
-        1 <= mk.span_min <= mk.span_max, "mask.span_max", "need 1 <= span_min <= span_max tokens"
-    )
-    _check(
-        0 < mk.span_frac <= 1 - mk.min_context_frac,
-        "mask.span_frac",
-        f"{mk.span_frac} is not in (0, 1 - mask.min_context_frac]",
-    )
-    _check(
-        mk.unit == "sentence" or (mk.queries == 0 and cfg.objective in ("jepa", "jepa+mlm")),
-        "mask.unit",
-        "spans need a latent objective (jepa, jepa+mlm) and mask.queries=0 (queries stand for "
-        "whole hidden sentences)",
-    )
+    if mk.unit == "span":
+        _check(
+            1 <= mk.span_min <= mk.span_max,
+            "mask.span_max",
+            "need 1 <= span_min <= span_max tokens",
+        )
+        _check(
+            0 < mk.span_frac <= 1 - mk.min_context_frac,
+            "mask.span_frac",
+            f"{mk.span_frac} is not in (0, 1 - mask.min_context_frac]",
+        )
+        _check(
+            mk.queries == 0 and mk.draws == 1 and cfg.objective in ("jepa", "jepa+mlm"),
+            "mask.unit",
+            "spans need a latent objective (jepa, jepa+mlm), mask.queries=0 (queries stand for "
+            "whole hidden sentences) and mask.draws=1 (the draws' spans of a window overlap in "
+            "part, so none is another's copy)",
+        )
     _check(
         mk.draws == 1 or cfg.objective == "jepa",
         "mask.draws",
@@ -543,11 +547,15 @@ INERT_DEFAULTS: dict[str, Any] = {
     "loss.negatives": "batch",
     "mask.draws": 1,
     "mask.unit": "sentence",
-    "mask.span_min": 3,
-    "mask.span_max": 10,
-    "mask.span_frac": 0.2,
     "loss.queue": 0,
 }
+
+
+# Keys that only count under another key's value: (key, the value it needs, the keys it governs).
+# A result's fingerprint leaves the governed keys out while the key has another value.
+GOVERNED_KEYS: tuple[tuple[str, Any, tuple[str, ...]], ...] = (
+    ("mask.unit", "span", ("mask.span_min", "mask.span_max", "mask.span_frac")),
+)
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -354,7 +354,14 @@ class Trainer:
         else:
             own = states[self.rank if relayout else 0]
             checkpoint.set_rng_state(own["rng"])
-            self.objective.load_state_dict(own.get("objective") or {})
+            old_queue = int(meta["config"].get("loss", {}).get("queue", 0))
+            if old_queue == self.cfg.loss.queue:
+                self.objective.load_state_dict(own.get("objective") or {})
+            else:
+                log.warning(
+                    "the checkpoint's loss.queue was %d, this run's is %d: the queue of "
+                    "negatives starts empty", old_queue, self.cfg.loss.queue,
+                )  # fmt: skip
         if relayout:
             log.info(
                 "resumed from %s (step %d), written by %d ranks x %d data workers, on %d x %d: "

@@ -572,9 +572,13 @@ class ValLoader:
 
 def val_batch(windows: list[Window], spec: StreamSpec) -> Batch:
     """One window per row with its validation mask (fixed by the seed), plus ``sent_id`` [B, L]:
-    each token's sentence number in its window (-1 on padding)."""
+    each token's sentence number in its window (-1 on padding). Not with ``mask.unit=span``:
+    what reads ``sent_id`` (the in-document retrieval, copy-neighbour, the decoder's "predict,
+    then say it") takes a target slot for a whole sentence, and a span is not one."""
     masks = [mask_window(w, spec.mask, spec.seed, "val") for w in windows]
     batch = collate(windows, masks, spec.seq_len, spec.mask.queries)
+    if spec.mask.unit == "span":
+        return batch
     sent_id = torch.full_like(batch["input_ids"], -1)
     for row, w in enumerate(windows):
         lens = torch.from_numpy(np.diff(w.offsets))

@@ -127,16 +127,31 @@ def sample_target_sentences(
     return sorted(blocks)
 
 
+def _span_starts(
+    free: np.ndarray, to_end: np.ndarray, longest: np.ndarray, length: int
+) -> np.ndarray:
+    """Token indices where a span of ``length`` fits: inside its sentence (``to_end``), not the
+    whole of it (``longest``), on free tokens with a free token either side (``free`` holds a
+    guard either side of the window: index i + 1 is token i)."""
+    total = len(to_end)
+    padded = np.concatenate((free, np.ones(length, dtype=bool)))  # one row per token
+    run = np.lib.stride_tricks.sliding_window_view(padded, length + 2)[:total]
+    return np.flatnonzero((to_end >= length) & (longest >= length) & run.all(1))
+
+
 def sample_target_spans(
     offsets: np.ndarray | Tensor, cfg: MaskConfig, generator: torch.Generator
 ) -> np.ndarray:
     """``mask.unit=span``: target spans [S, 2] (start, end token; sorted, end exclusive), each a
-    run of ``span_min..span_max`` tokens inside one sentence that leaves at least one token of
-    its sentence visible, apart from the other spans by at least one visible token. Spans are
-    drawn (a length, then a start among the tokens where it fits) until ``span_frac`` of the
-    window's tokens are hidden, within the ``min_context_frac`` budget; a span that no longer
-    fits is shortened to what still does. A window with no sentence of two or more tokens hides
-    one token of its longest sentence (whole)."""
+    run of tokens inside one sentence that leaves at least one token of its sentence visible,
+    apart from the other spans by at least one visible token. Spans are drawn (a length in
+    ``span_min..span_max``, then a start among the tokens where it fits) until ``span_frac`` of
+    the window's tokens are hidden, within the ``min_context_frac`` budget. A span is shorter
+    than drawn only where the window has no room for it: the last one, cut to the share, and
+    any drawn where no free stretch of a sentence is that long (it takes the longest that
+    fits). A window with no room for a span at all (every sentence one token long, or no token
+    to spare for ``min_context_frac``) hides one token, the first of its longest sentence, as
+    the sentence masks keep one target whatever the budget."""
     off = np.asarray(offsets, dtype=np.int64)
     total = int(off[-1])
     if len(off) < 3:
@@ -144,32 +159,26 @@ def sample_target_spans(
     u = _Uniforms(generator)
     want = max(1, round(cfg.span_frac * total))
     budget = min(want, total - math.ceil(cfg.min_context_frac * total))
-    # where a span may lie: inside one sentence, never its every token
     sent = np.repeat(np.arange(len(off) - 1), np.diff(off))
     to_end = off[sent + 1] - np.arange(total)  # tokens from here to the sentence's end
     longest = np.diff(off)[sent] - 1  # the longest span the token's sentence takes
-    free = np.ones(total + 2, dtype=bool)  # a guard token either side: index i + 1 is token i
+    free = np.ones(total + 2, dtype=bool)
     spans: list[tuple[int, int]] = []
     hidden = 0
-    for _ in range(4 * (want // max(cfg.span_min, 1) + 2)):  # bounded: a window may fill up
-        if hidden >= budget:
-            break
+    while hidden < budget:
         length = cfg.span_min + int(u() * (cfg.span_max - cfg.span_min + 1))
         length = min(length, budget - hidden)
-        # starts where `length` tokens fit in the sentence, all free, with a free token either side
-        padded = np.concatenate((free, np.ones(length, dtype=bool)))  # one row per token
-        run = np.lib.stride_tricks.sliding_window_view(padded, length + 2)[:total]
-        fits = (to_end >= length) & (longest >= length) & run.all(1)
-        if not fits.any():
-            if length == 1:
-                break
-            continue  # a shorter draw may still fit
-        starts = np.flatnonzero(fits)
+        starts = _span_starts(free, to_end, longest, length)
+        while len(starts) == 0 and length > 1:  # no room that long: the longest that fits
+            length -= 1
+            starts = _span_starts(free, to_end, longest, length)
+        if len(starts) == 0:  # the window is full
+            break
         start = int(starts[min(int(u() * len(starts)), len(starts) - 1)])
         free[start + 1 : start + 1 + length] = False
         spans.append((start, start + length))
         hidden += length
-    if not spans:  # every sentence is one token long: one of them, whole
+    if not spans:
         first = int(off[np.argmax(np.diff(off))])
         spans.append((first, first + 1))
     return np.asarray(sorted(spans), dtype=np.int64).reshape(-1, 2)

@@ -62,6 +62,11 @@ def load_predictor(run_dir: str | Path, decoder_dir: str | Path, tag: str | None
             f"{run_dir}: target.projector={run.cfg.target.projector}: the predictions live in the "
             "projector's space, which the decoder (trained on the encoder's embeddings) cannot read"
         )
+    if run.cfg.mask.unit != "sentence":
+        raise DecoderError(
+            f"{run_dir}: mask.unit={run.cfg.mask.unit}: its predictor says hidden spans, not the "
+            "hidden sentences the decoder is scored against"
+        )
     dec = Decoder.from_pretrained(decoder_dir, device="cpu")
     if dec.encoder.dim != run.cfg.model.dim:
         raise DecoderError(

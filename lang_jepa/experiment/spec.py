@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lang_jepa.config import (
+    GOVERNED_KEYS,
     INERT_DEFAULTS,
     Config,
     ConfigError,
@@ -123,7 +124,9 @@ class Cell:
         that changes (in the code or in a preset) changes the fingerprint of every cell that
         relied on it, so a recorded result is never taken for a setting it was not made with.
         A key of :data:`lang_jepa.config.INERT_DEFAULTS` at its inert value is left out (the
-        code behaves as before the key existed)."""
+        code behaves as before the key existed), and so are the keys of
+        :data:`lang_jepa.config.GOVERNED_KEYS` while the key governing them has a value under
+        which they are not read."""
         resolved = to_dict(self.cfg)
         for key in ("run_dir", "seed"):
             resolved["train"].pop(key, None)
@@ -131,6 +134,12 @@ class Cell:
             section, name = key.split(".")
             if resolved[section].get(name) == inert:
                 del resolved[section][name]
+        for key, needs, governed in GOVERNED_KEYS:  # keys that count only under another's value
+            section, name = key.split(".")
+            if resolved[section].get(name, INERT_DEFAULTS.get(key)) != needs:
+                for other in governed:
+                    other_section, other_name = other.split(".")
+                    resolved[other_section].pop(other_name, None)
         blob = json.dumps({"config": resolved, "base": spec.base.config,
                            "train": self.variant.train, "eval": OmegaConf.to_container(
                                OmegaConf.structured(spec.eval)),

@@ -517,9 +517,12 @@ class TargetQueue:
 
     @torch.no_grad()
     def push(self, z: Tensor) -> None:
-        """Enqueue z [N, D] (the last ``size`` rows when N is larger)."""
+        """Enqueue z [N, D] (the last ``size`` rows when N is larger). A non-finite row is left
+        out: one would make every later InfoNCE row of this rank NaN, so that a step skipped
+        under ``train.nonfinite=skip`` would spoil all the steps after it."""
         size = len(self.bank)
-        z = F.normalize(z.detach().float(), dim=-1)[-size:]
+        z = z.detach().float()
+        z = F.normalize(z[torch.isfinite(z).all(-1)], dim=-1)[-size:]
         slots = (self.head + torch.arange(len(z), device=self.bank.device)) % size
         self.bank[slots] = z.to(self.bank.device)
         self.head = (self.head + len(z)) % size

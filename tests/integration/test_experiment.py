@@ -267,3 +267,18 @@ def test_a_new_key_at_its_inert_value_keeps_recorded_fingerprints(
     monkeypatch.setattr(spec_mod, "INERT_DEFAULTS", others)
     assert exp.all_cells[0].fingerprint(exp.spec) != a  # so the inert key was left out
     assert exp.all_cells[1].fingerprint(exp.spec) == b  # and a key in use is never left out
+
+
+def test_span_settings_count_only_under_span_masks(tmp_path: Path, tiny_shards: Path) -> None:
+    """mask.span_* (config.GOVERNED_KEYS) are read only under mask.unit=span: with sentence
+    masks they leave a cell's fingerprint alone, with span masks each one counts, its default
+    included (a default that moves changes the span cells that relied on it)."""
+    online = "target.source: online, optim.ema_start: 0.0, optim.ema_end: 0.0, loss.type: infonce"
+    variants = (f"  - {{name: a, overrides: {{{online}}}}}\n"
+                f"  - {{name: b, overrides: {{{online}, mask.span_max: 6}}}}\n"
+                f"  - {{name: c, overrides: {{{online}, mask.unit: span}}}}\n"
+                f"  - {{name: d, overrides: {{{online}, mask.unit: span, mask.span_max: 6}}}}")  # fmt: skip
+    exp_file = write_experiment(tmp_path / "t.yaml", tiny_shards, variants, tokens=5000)
+    exp = load_experiment(exp_file)
+    a, b, c, d = (cell.fingerprint(exp.spec) for cell in exp.all_cells)
+    assert a == b and len({a, c, d}) == 3

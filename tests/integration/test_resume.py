@@ -194,7 +194,8 @@ def test_resume_errors_are_loud(tmp_path, tiny_shards):
 
 
 QUEUE = ["target.source=online", "loss.type=infonce", "loss.queue=48", "optim.ema_start=0.0",
-         "optim.ema_end=0.0", "train.max_steps=12"]  # fmt: skip
+         "optim.ema_end=0.0", "train.max_steps=12",
+         "train.val_interval=4"]  # validation reads the queue and must leave it as it is  # fmt: skip
 
 
 def test_resume_with_a_queue_of_negatives_is_bit_exact(tmp_path, tiny_shards):

@@ -750,6 +750,12 @@ def test_the_queue_keeps_the_newest_targets_and_its_state_round_trips():
     assert (other.head, other.filled) == (q.head, q.filled)
     with pytest.raises(ValueError, match="loss.queue"):
         TargetQueue(8, 3, torch.device("cpu")).load_state_dict(q.state_dict())
+    # a non-finite target never enters: it would spoil every later step's InfoNCE
+    before = q.negatives().clone()
+    q.push(torch.tensor([[float("nan"), 1.0, 0], [0, float("inf"), 0]]))
+    torch.testing.assert_close(q.negatives(), before)
+    q.push(torch.tensor([[float("nan"), 1.0, 0], [0, 0, 2.0]]))  # the finite row does
+    assert (q.negatives() == torch.tensor([0, 0, 1.0])).all(1).any()
 
 
 @pytest.mark.parametrize("objective_name", ["jepa", "jepa+mlm"])
@@ -808,11 +814,16 @@ def test_span_targets_pool_each_hidden_span(tiny_shards):
     tgt, slot = tgt[batch["tgt_valid"][row]], slot[batch["tgt_valid"][row]]
     n_slots = int(batch["tgt_sent_valid"][row].sum())
     assert n_slots > 1 and len(tgt) <= 0.2 * int(batch["valid"][row].sum()) + 1
+    lengths = []
     for s in range(n_slots):  # each slot: a run of 2..5 adjacent tokens, mean-pooled
         run = tgt[slot == s]
+        lengths.append(len(run))
         assert 1 <= len(run) <= 5 and (run.diff() == 1).all()
         want = F.layer_norm(feats[row, run].mean(0), (feats.shape[-1],))
         torch.testing.assert_close(targets[row, s], want, atol=1e-5, rtol=1e-5)
+    # span_min, but for each window's last span, cut to its share (a packed row holds several)
+    windows = batch["tgt_sent_win"][row][batch["tgt_sent_valid"][row]].unique()
+    assert sum(n < 2 for n in lengths) <= len(windows)
     loss, outputs = objective.loss(model, batch)
     assert torch.isfinite(loss) and outputs.valid.sum() == batch["tgt_sent_valid"].sum()
 
@@ -828,3 +839,8 @@ def test_span_settings_are_checked(tiny_shards):
         load_config("tiny", [*base, "mask.unit=span", "mask.queries=4", "model.pos=rope"])
     with pytest.raises(ConfigError, match="'mask.unit'.*latent objective"):
         load_config("tiny", [*base, "mask.unit=span", "objective=mlm"])
+    with pytest.raises(ConfigError, match="'mask.unit'.*draws=1"):
+        load_config("tiny", [*base, "mask.unit=span", "mask.draws=2"])
+    # under sentence masks the span keys are not read, so not checked either
+    cfg = load_config("tiny", [*base, "mask.min_context_frac=0.85", "mask.span_max=1"])
+    assert cfg.mask.unit == "sentence"
