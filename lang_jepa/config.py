@@ -387,9 +387,9 @@ def validate(cfg: Config) -> None:
             "part, so none is another's copy)",
         )
     _check(
-        mk.draws == 1 or cfg.objective == "jepa",
+        mk.draws == 1 or cfg.objective in ("jepa", "jepa+mlm"),
         "mask.draws",
-        f"several draws need objective=jepa, not {cfg.objective!r}",
+        f"several draws need a latent objective (jepa, jepa+mlm), not {cfg.objective!r}",
     )
     _check(
         mk.queries == 0 or (m.pos == "rope" and cfg.target.level == "sentence"),

@@ -255,11 +255,14 @@ def test_the_hybrid_corrupts_only_context_tokens(tiny_shards, tok):
     assert torch.equal(out["input_ids"], batch["input_ids"])  # the targets read the clean window
 
 
+@pytest.mark.parametrize("draws", [1, 3])
 @pytest.mark.parametrize("source", ["ema", "online"])
-def test_the_hybrid_loss_is_the_latent_loss_plus_the_weighted_token_loss(tiny_shards, source):
+def test_the_hybrid_loss_is_the_latent_loss_plus_the_weighted_token_loss(
+    tiny_shards, source, draws
+):
     cfg, _, _, batch, vocab = setup_batch(
         tiny_shards, "objective=jepa+mlm", "loss.mlm_weight=0.3", f"target.source={source}",
-        "target.view=sentence",
+        "target.view=sentence", f"mask.draws={draws}",
     )  # fmt: skip
     cfg.model.vocab_size = vocab
     torch.manual_seed(0)
@@ -278,6 +281,23 @@ def test_the_hybrid_loss_is_the_latent_loss_plus_the_weighted_token_loss(tiny_sh
     # the same corruption for the same (seed, split, key): a resumed run draws the same
     again = objective.prepare(batch, "train", (0, 0, 0))
     assert torch.equal(again["mlm_input_ids"], prepared["mlm_input_ids"])
+    # every corrupted token is a context token of its own row (its own draw's context)
+    rows = torch.arange(len(batch["input_ids"]))[:, None].expand_as(prepared["mlm_index"])
+    picked = prepared["mlm_valid"]
+    slots = prepared["mlm_ctx_index"][picked]
+    assert torch.equal(batch["ctx_index"][rows[picked], slots], prepared["mlm_index"][picked])
+    assert bool(batch["ctx_valid"][rows[picked], slots].all())
+    if draws > 1:  # the latent targets: one forward over one copy of the windows
+        calls = []
+        encoder = objective.module.encoder if source == "online" else objective.target
+        hook = encoder.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
+        with torch.no_grad():
+            objective.loss(objective.module, prepared)
+        hook.remove()
+        windows = len(batch["input_ids"]) // draws
+        # the EMA encoder reads the windows once; the online one also reads every draw's context
+        want = [windows] if source == "ema" else [len(batch["input_ids"]), windows]
+        assert sorted(calls) == sorted(want), calls
 
 
 def test_the_alarm_sees_a_prediction_that_regressed_to_the_mean():
@@ -659,8 +679,8 @@ def test_draw_settings_are_checked(tiny_shards):
     base = [f"data.shards={tiny_shards}"]
     with pytest.raises(ConfigError, match="'mask.draws'"):
         load_config("tiny", [*base, "mask.draws=0"])
-    with pytest.raises(ConfigError, match="'mask.draws'.*objective=jepa"):
-        load_config("tiny", [*base, "mask.draws=2", "objective=jepa+mlm"])
+    with pytest.raises(ConfigError, match="'mask.draws'.*latent objective"):
+        load_config("tiny", [*base, "mask.draws=2", "objective=mlm"])
 
 
 def test_draws_count_each_hidden_sentence_once_outside_the_loss(tiny_shards):
