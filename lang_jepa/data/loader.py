@@ -35,6 +35,7 @@ Validation stream (:class:`ValLoader`)
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import islice
@@ -358,6 +359,15 @@ class TrainStream(IterableDataset):
         return (Packet(arrays, pos) for arrays, pos in stream)
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """A DataLoader worker ignores the stop signals (as PyTorch's workers ignore SIGINT). SLURM
+    and the experiment harness send SIGTERM to every process of a run; a worker that died of it
+    would abort the main process's checkpoint from its SIGCHLD handler. The main process stops
+    and saves; the workers end with it."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class TrainLoader:
     """Endless iterator of train batches for one rank, with a resumable position.
 
@@ -401,7 +411,8 @@ class TrainLoader:
         )  # fmt: skip
         extra: dict[str, Any] = {}
         if self.num_workers > 0:
-            extra = {"persistent_workers": True, "prefetch_factor": self.prefetch_factor}
+            extra = {"persistent_workers": True, "prefetch_factor": self.prefetch_factor,
+                     "worker_init_fn": _ignore_stop_signals}  # fmt: skip
         # packets are opaque to the DataLoader: __next__ makes the tensors (and pins them)
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, **extra)
         return iter(loader)

@@ -136,6 +136,34 @@ def test_sigterm_single_process_exit_code(tmp_path, tiny_shards):
     assert (run_dir / "checkpoints" / "latest").is_file()
 
 
+def test_sigterm_to_the_whole_process_group_with_loader_workers(tmp_path, tiny_shards):
+    """What SLURM and the experiment harness do: SIGTERM to every process of the run, the
+    DataLoader workers included. The workers must outlive the signal until the checkpoint is
+    written (a worker killed first aborts the save from the main process's SIGCHLD handler)."""
+    run_dir = tmp_path / "run"
+    cmd = command(run_dir, tiny_shards, 1, "train.save_interval=0", "data.num_workers=1")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+    metrics = run_dir / "logs" / "metrics.jsonl"
+    try:
+        while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(0.05)
+        workers = subprocess.run(
+            ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True
+        ).stdout.split()
+        assert workers, "no DataLoader worker to signal"
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 75, out[-3000:]
+    assert "stop signal" in out and "killed by signal" not in out
+    tag = (run_dir / "checkpoints" / "latest").read_text()
+    assert (run_dir / "checkpoints" / tag / "meta.json").is_file()
+
+
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_shards):
     run_dir = tmp_path / "run"
     proc = run(with_nan_at("13", command(run_dir, tiny_shards, 1)))
