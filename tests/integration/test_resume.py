@@ -90,15 +90,20 @@ def test_sigkill_at_random_step_then_restart_is_bit_exact(tmp_path, tiny_shards,
     assert losses(run_dir) == reference, f"killed at step ~{kill_at}"
 
 
+def wait_for_records(proc: subprocess.Popen, metrics: Path, n: int) -> None:
+    """Until the run has logged ``n`` metrics records (failing with its output if it exits)."""
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= n):
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.05)
+
+
 def test_sigusr1_to_one_rank_checkpoints_the_agreed_step_and_exits_75(tmp_path, tiny_shards):
     run_dir = tmp_path / "run"
     cmd = command(run_dir, tiny_shards, 2, "train.save_interval=0")
     proc = subprocess.Popen(cmd, cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)  # fmt: skip
     metrics = run_dir / "logs" / "metrics.jsonl"
-    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
-        assert proc.poll() is None, proc.stdout.read()
-        time.sleep(0.05)
+    wait_for_records(proc, metrics, 3)
     children = subprocess.run(
         ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True
     ).stdout.split()
@@ -126,9 +131,7 @@ def test_sigterm_single_process_exit_code(tmp_path, tiny_shards):
         text=True,
     )
     metrics = run_dir / "logs" / "metrics.jsonl"
-    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
-        assert proc.poll() is None, proc.stdout.read()
-        time.sleep(0.05)
+    wait_for_records(proc, metrics, 2)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 75, out[-3000:]
@@ -146,9 +149,7 @@ def test_sigterm_to_the_whole_process_group_with_loader_workers(tmp_path, tiny_s
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
     metrics = run_dir / "logs" / "metrics.jsonl"
     try:
-        while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
-            assert proc.poll() is None, proc.stdout.read()
-            time.sleep(0.05)
+        wait_for_records(proc, metrics, 2)
         workers = subprocess.run(
             ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True
         ).stdout.split()

@@ -22,7 +22,7 @@ EXPERIMENT_FILES = sorted((REPO / "experiments").glob("*.yaml"))
 
 def test_there_are_experiment_files_with_records():
     assert EXPERIMENT_FILES, "no experiments/*.yaml"
-    recorded = [p for p in (REPO / "experiments" / "results").glob("*/cells/*.json")]
+    recorded = list((REPO / "experiments" / "results").glob("*/cells/*.json"))
     assert recorded, "no recorded cells under experiments/results"
 
 
