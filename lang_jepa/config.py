@@ -157,6 +157,10 @@ class LossConfig:
     sigreg_slices: int = 64  # random 1-D projections per SIGReg evaluation (LeJEPA: ~1024)
     mlm_prob: float = 0.15  # objective=mlm: share of tokens predicted (BERT's 80/10/10 corruption)
     mlm_weight: float = 1.0  # objective=jepa+mlm: weight of the token loss beside the latent loss
+    # objective=jepa+mlm: the token loss alone before step latent_start, then the latent loss's
+    # weight rises linearly from 0 to 1 over latent_ramp steps (the collapse alarm waits for it)
+    latent_start: int = 0
+    latent_ramp: int = 0
 
 
 @dataclass
@@ -214,7 +218,8 @@ class EvalConfig:
     collapse_min_pred_std: float = 0.01  # alarm: mean per-dimension std of predictions below this
     collapse_patience: int = 3  # consecutive logging checks under a threshold before the alarm
     collapse_stop: bool = False  # stop the run (exit 3) when the alarm trips
-    # checks up to this step do not count (-1: until the learning-rate warmup ends): a freshly
+    # checks up to this step do not count (-1: until the learning-rate warmup ends, or the ramp of
+    # a delayed latent loss, loss.latent_start + loss.latent_ramp, if later): a freshly
     # initialised predictor outputs near-constant predictions (std ~0.005) before it has learnt
     collapse_after_step: int = -1
 
@@ -310,7 +315,8 @@ RANGES: dict[str, tuple[float | None, float | None, bool]] = {
          "train.global_batch_size", "train.save_interval", "train.keep_checkpoints",
          "train.exit_at_step", "train.max_skipped_steps", "train.val_interval", "eval.interval",
          "eval.collapse_patience", "eval.collapse_min_target_std", "eval.collapse_min_pred_std",
-         "loss.reg_weight", "loss.vicreg_cov_weight", "loss.infonce_weight", "loss.mlm_weight"],
+         "loss.reg_weight", "loss.vicreg_cov_weight", "loss.infonce_weight", "loss.mlm_weight",
+         "loss.latent_start", "loss.latent_ramp"],
         (0, None, True),
     ),  # counts and weights >= 0
     **dict.fromkeys(["optim.lr", "optim.start_lr", "optim.min_lr"], (0, None, True)),  # LR >= 0
@@ -447,6 +453,12 @@ def validate(cfg: Config) -> None:
         "loss.queue",
         f"a queue of negatives needs a latent objective (jepa, jepa+mlm), not {cfg.objective!r}",
     )
+    for key in ("latent_start", "latent_ramp"):
+        _check(
+            getattr(cfg.loss, key) == 0 or cfg.objective == "jepa+mlm",
+            f"loss.{key}",
+            f"delays the latent loss beside the token loss (objective=jepa+mlm), not {cfg.objective!r}",
+        )
     _check(cfg.loss.reg in ("none", "vicreg", "sigreg"), "loss.reg", f"{cfg.loss.reg!r} unknown")
     reg_on = cfg.loss.reg_on.split("+")
     _check(

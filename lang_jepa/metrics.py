@@ -278,10 +278,14 @@ class TrainMetrics:
     def watch_collapse(self, step: int, scalars: dict[str, float | None]) -> bool:
         """Feed the collapse alarm; a trip on any rank is agreed by all (one all-reduce). Sets
         ``repr/collapse_alarm`` and returns True on the step the alarm trips. Checks up to
-        ``eval.collapse_after_step`` (-1: the end of the warmup) do not count (the same on every
+        ``eval.collapse_after_step`` (-1: the end of the warmup, or of ``loss.latent_start`` +
+        ``loss.latent_ramp`` if later) do not count (the same on every
         rank: the step is global)."""
         after = self.cfg.eval.collapse_after_step
-        if step <= (self.cfg.optim.warmup_steps if after < 0 else after):
+        if after < 0:  # auto: the end of the warmup, or of a delayed latent loss's ramp
+            loss = self.cfg.loss
+            after = max(self.cfg.optim.warmup_steps, loss.latent_start + loss.latent_ramp)
+        if step <= after:
             scalars["repr/collapse_alarm"] = 0.0
             return False
         tripped = self.alarm.check(

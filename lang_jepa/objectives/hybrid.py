@@ -5,7 +5,9 @@ One context forward serves both: 15% (``loss.mlm_prob``) of the *context* tokens
 BERT-style (80% [MASK], 10% random, 10% kept) before the context encoder reads them; the predictor
 predicts the hidden sentences' target embeddings from those features as in ``jepa``, and an MLM
 head predicts the corrupted tokens' ids from the same features. The EMA target encoder reads the
-clean window. Loss: the JEPA loss + ``loss.mlm_weight`` x the token cross-entropy.
+clean window. Loss: w x the JEPA loss + ``loss.mlm_weight`` x the token cross-entropy, where w is
+0 before step ``loss.latent_start``, rises linearly to 1 over ``loss.latent_ramp`` steps and is 1
+after (and always 1 with both at 0, the default; validation batches use 1).
 """
 
 from __future__ import annotations
@@ -76,6 +78,13 @@ def context_mlm_mask(
     return out
 
 
+def latent_weight(step: int, start: int, ramp: int) -> float:
+    """The latent loss's weight at optimizer step ``step`` (see the module docstring)."""
+    if step < start:
+        return 0.0
+    return 1.0 if ramp == 0 else min(1.0, (step - start + 1) / ramp)
+
+
 class JEPAMLMObjective(JEPAObjective):
     """``objective=jepa+mlm``: see the module docstring."""
 
@@ -96,6 +105,9 @@ class JEPAMLMObjective(JEPAObjective):
         masked = context_mlm_mask(
             batch, self.mask_id, self.cfg.model.vocab_size, self.cfg.loss.mlm_prob, gen
         )
+        loss = self.cfg.loss
+        w = latent_weight(key[0], loss.latent_start, loss.latent_ramp) if split == "train" else 1.0
+        masked["latent_weight"] = torch.tensor(w)
         return move_batch(masked, self.rt.device)
 
     def loss(self, eng: Any, batch: Batch) -> tuple[Tensor, Outputs]:
@@ -120,8 +132,10 @@ class JEPAMLMObjective(JEPAObjective):
             )  # fmt: skip
             self.enqueue(targets, valid, once)
             tokens = mlm_loss(logits, batch)
-            loss = latent + self.cfg.loss.mlm_weight * tokens
-        parts = {**parts, "latent_loss": latent.detach(), "mlm_loss": tokens.detach()}
+            weight = batch["latent_weight"] if "latent_weight" in batch else 1.0
+            loss = weight * latent + self.cfg.loss.mlm_weight * tokens
+        parts = {**parts, "latent_loss": latent.detach(), "mlm_loss": tokens.detach(),
+                 "latent_weight": torch.as_tensor(weight, dtype=torch.float32)}
         return loss, self.outputs(preds, sentences, batch, parts)
 
     def flops(self, batch: Batch) -> tuple[Tensor, Tensor]:

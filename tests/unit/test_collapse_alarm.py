@@ -19,7 +19,7 @@ def test_alarm_needs_patience_and_resets():
     )  # MLM: nothing to watch
 
 
-def test_checks_during_the_warmup_do_not_count(tmp_path, tiny_shards):
+def test_checks_during_the_warmup_or_a_delayed_latent_loss_do_not_count(tmp_path, tiny_shards):
     from lang_jepa.config import load_config
     from lang_jepa.metrics import TrainMetrics
 
@@ -37,3 +37,7 @@ def test_checks_during_the_warmup_do_not_count(tmp_path, tiny_shards):
     assert trip_step() == 7  # the tiny preset warms up for 5 steps: checks at 6 and 7 count
     assert trip_step("eval.collapse_after_step=0") == 2
     assert trip_step("eval.collapse_after_step=12") == 14
+    # a delayed latent loss (objective=jepa+mlm): the checks wait for its ramp to end (8 + 4)
+    delayed = ("objective=jepa+mlm", "loss.latent_start=8", "loss.latent_ramp=4")
+    assert trip_step(*delayed) == 14
+    assert trip_step(*delayed, "eval.collapse_after_step=0") == 2  # an explicit step wins

@@ -26,7 +26,7 @@ from lang_jepa.objectives import (
     target_features,
     token_targets,
 )
-from lang_jepa.objectives.hybrid import context_mlm_mask
+from lang_jepa.objectives.hybrid import context_mlm_mask, latent_weight
 from lang_jepa.objectives.jepa import candidates, normalise, representation_stats, same_window
 from tests.helpers import setup_batch
 
@@ -294,6 +294,37 @@ def test_the_hybrid_loss_is_the_latent_loss_plus_the_weighted_token_loss(
         # the EMA encoder reads the windows once; the online one also reads every draw's context
         want = [windows] if source == "ema" else [len(batch["input_ids"]), windows]
         assert sorted(calls) == sorted(want), calls
+
+
+def test_a_delayed_latent_loss_enters_on_its_step_and_ramps(tiny_shards):
+    cfg, _, _, batch, vocab = setup_batch(
+        tiny_shards, "objective=jepa+mlm", "loss.mlm_weight=0.3", "loss.latent_start=10",
+        "loss.latent_ramp=4",
+    )  # fmt: skip
+    cfg.model.vocab_size = vocab
+    torch.manual_seed(0)
+    objective = build_objective(cfg, vocab, CPU)
+    for step, want in [(0, 0.0), (9, 0.0), (10, 0.25), (11, 0.5), (13, 1.0), (500, 1.0)]:
+        prepared = objective.prepare(batch, "train", (step, 0, 0))
+        loss, out = objective.loss(objective.module, prepared)
+        p = out.parts
+        assert float(p["latent_weight"]) == want
+        assert float(p["latent_loss"]) > 0.0  # computed (and its FLOPs spent) at every step
+        assert float(loss) == pytest.approx(
+            float(want * p["latent_loss"] + 0.3 * p["mlm_loss"]), rel=1e-5
+        )
+    # before the start the predictor gets no gradient, the encoder only the token loss's
+    objective.module.zero_grad()
+    loss, _ = objective.loss(objective.module, objective.prepare(batch, "train", (3, 0, 0)))
+    loss.backward()
+    assert all(p.grad is None or not p.grad.any() for p in objective.module.predictor.parameters())
+    assert any(p.grad is not None and p.grad.any() for p in objective.module.encoder.parameters())
+    # validation scores the whole loss at any step
+    val = objective.prepare(batch, "val", (0, 0))
+    assert float(objective.loss(objective.module, val)[1].parts["latent_weight"]) == 1.0
+    assert latent_weight(14, 10, 4) == 1.0 and latent_weight(0, 0, 0) == 1.0  # the default
+    with pytest.raises(ConfigError, match="'loss.latent_start'.*jepa\\+mlm"):
+        load_config("tiny", [f"data.shards={tiny_shards}", "loss.latent_start=5"])
 
 
 def test_the_alarm_sees_a_prediction_that_regressed_to_the_mean():
