@@ -132,7 +132,7 @@ class JEPAMLMObjective(JEPAObjective):
             )  # fmt: skip
             self.enqueue(targets, valid, once)
             tokens = mlm_loss(logits, batch)
-            weight = batch["latent_weight"] if "latent_weight" in batch else 1.0
+            weight = batch.get("latent_weight", 1.0)
             loss = weight * latent + self.cfg.loss.mlm_weight * tokens
         parts = {**parts, "latent_loss": latent.detach(), "mlm_loss": tokens.detach(),
                  "latent_weight": torch.as_tensor(weight, dtype=torch.float32)}
