@@ -134,8 +134,12 @@ class JEPAMLMObjective(JEPAObjective):
             tokens = mlm_loss(logits, batch)
             weight = batch.get("latent_weight", 1.0)
             loss = weight * latent + self.cfg.loss.mlm_weight * tokens
-        parts = {**parts, "latent_loss": latent.detach(), "mlm_loss": tokens.detach(),
-                 "latent_weight": torch.as_tensor(weight, dtype=torch.float32)}
+        parts = {
+            **parts,
+            "latent_loss": latent.detach(),
+            "mlm_loss": tokens.detach(),
+            "latent_weight": torch.as_tensor(weight, dtype=torch.float32),
+        }
         return loss, self.outputs(preds, sentences, batch, parts)
 
     def flops(self, batch: Batch) -> tuple[Tensor, Tensor]:
