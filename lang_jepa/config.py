@@ -560,6 +560,8 @@ INERT_DEFAULTS: dict[str, Any] = {
     "mask.draws": 1,
     "mask.unit": "sentence",
     "loss.queue": 0,
+    "loss.latent_start": 0,
+    "loss.latent_ramp": 0,
 }
 
 
