@@ -247,3 +247,27 @@ def test_resume_with_a_queue_of_negatives_is_bit_exact(tmp_path, tiny_shards):
     assert plain.returncode == 0, plain.stderr[-4000:]
     assert losses(plain_dir)[1] == losses(ref_dir)[1]  # step 1: the queue is still empty
     assert all(losses(plain_dir)[s] != losses(ref_dir)[s] for s in range(7, 13))
+
+
+LATE = ["objective=jepa+mlm", "loss.type=infonce", "loss.latent_start=5", "loss.latent_ramp=4",
+        "train.max_steps=12"]  # fmt: skip
+
+
+def test_resume_inside_a_delayed_latent_losss_ramp_is_bit_exact(tmp_path, tiny_shards):
+    """``loss.latent_start`` / ``latent_ramp`` weigh the hybrid's latent loss by the step: a run
+    stopped inside the ramp resumes with the same weights."""
+    ref_dir, split_dir = tmp_path / "ref", tmp_path / "split"
+    ref = run(command(ref_dir, tiny_shards, 2, *LATE))
+    assert ref.returncode == 0, ref.stderr[-4000:]
+    first = run(command(split_dir, tiny_shards, 2, *LATE, "train.exit_at_step=7"))
+    assert first.returncode == 0, first.stderr[-4000:]
+    second = run(command(split_dir, tiny_shards, 2, *LATE))
+    assert second.returncode == 0 and "resumed from" in second.stdout, second.stderr[-4000:]
+    assert losses(split_dir) == losses(ref_dir)
+    weights = {}
+    for line in (split_dir / "logs" / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss/latent_weight" in record:
+            weights[record["step"]] = record["loss/latent_weight"]
+    # logged steps are 1-based: step s trained at 0-based step s - 1
+    assert [weights[s] for s in range(1, 13)] == [0, 0, 0, 0, 0, 0.25, 0.5, 0.75, 1, 1, 1, 1]
