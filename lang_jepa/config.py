@@ -161,6 +161,12 @@ class LossConfig:
     # weight rises linearly from 0 to 1 over latent_ramp steps (the collapse alarm waits for it)
     latent_start: int = 0
     latent_ramp: int = 0
+    # objective=jepa+mlm: what the token loss reads. context: the context encoder's features of
+    # the context tokens (one forward for both losses; a hidden sentence's tokens are never
+    # predicted, so it predicts mlm_prob x the context's share of the window's tokens). window: a
+    # second forward over the whole window corrupted as objective=mlm corrupts it (the control's
+    # tokens a step), the context forward then reading clean tokens
+    mlm_on: str = "context"
 
 
 @dataclass
@@ -459,6 +465,17 @@ def validate(cfg: Config) -> None:
             f"loss.{key}",
             f"delays the latent loss beside the token loss (objective=jepa+mlm), not {cfg.objective!r}",
         )
+    _check(
+        cfg.loss.mlm_on in ("context", "window"),
+        "loss.mlm_on",
+        f"{cfg.loss.mlm_on!r} not context | window",
+    )
+    _check(
+        cfg.loss.mlm_on == "context" or (cfg.objective == "jepa+mlm" and cfg.mask.draws == 1),
+        "loss.mlm_on",
+        "window: the hybrid's token loss over the whole window needs objective=jepa+mlm and "
+        "mask.draws=1",
+    )
     _check(cfg.loss.reg in ("none", "vicreg", "sigreg"), "loss.reg", f"{cfg.loss.reg!r} unknown")
     reg_on = cfg.loss.reg_on.split("+")
     _check(
@@ -562,6 +579,7 @@ INERT_DEFAULTS: dict[str, Any] = {
     "loss.queue": 0,
     "loss.latent_start": 0,
     "loss.latent_ramp": 0,
+    "loss.mlm_on": "context",
 }
 
 

@@ -1,10 +1,14 @@
 """``objective=jepa+mlm``: the latent prediction of LANG-JEPA and BERT's token loss on one encoder
 (in the spirit of Predict-and-Reconstruct).
 
-One context forward serves both: 15% (``loss.mlm_prob``) of the *context* tokens are corrupted
-BERT-style (80% [MASK], 10% random, 10% kept) before the context encoder reads them; the predictor
-predicts the hidden sentences' target embeddings from those features as in ``jepa``, and an MLM
-head predicts the corrupted tokens' ids from the same features. The EMA target encoder reads the
+By default (``loss.mlm_on=context``) one context forward serves both: 15% (``loss.mlm_prob``) of
+the *context* tokens are corrupted BERT-style (80% [MASK], 10% random, 10% kept) before the
+context encoder reads them; the predictor predicts the hidden sentences' target embeddings from
+those features as in ``jepa``, and an MLM head predicts the corrupted tokens' ids from the same
+features. The token loss then never reads a hidden sentence: it predicts ``mlm_prob`` x the
+context's share of the window's tokens. ``loss.mlm_on=window``: the context forward reads clean
+tokens, and a second forward with gradient reads the whole window corrupted as ``objective=mlm``
+corrupts it, the MLM head on its features: the control's token loss beside the latent loss. The EMA target encoder reads the
 clean window. Loss: w x the JEPA loss + ``loss.mlm_weight`` x the token cross-entropy, where w is
 0 before step ``loss.latent_start``, rises linearly to 1 over ``loss.latent_ramp`` steps and is 1
 after (and always 1 with both at 0, the default; validation batches use 1).
@@ -19,6 +23,7 @@ from torch import Tensor, nn
 
 from ..config import Config
 from ..data.windows import stable_hash63
+from ..metrics import stream_flops
 from .base import Batch, Outputs, Runtime, batch_segments, move_batch, parameter_count
 from .jepa import (
     JEPA,
@@ -37,9 +42,11 @@ class JEPAMLM(JEPA):
     at the corrupted context tokens[, context features]); with online targets (predictions,
     logits, context features or None, window features of the clean window)."""
 
-    def __init__(self, jepa: JEPA, vocab_size: int, norm_eps: float = 1e-6) -> None:
+    def __init__(
+        self, jepa: JEPA, vocab_size: int, norm_eps: float = 1e-6, mlm_on: str = "context"
+    ) -> None:
         super().__init__(jepa.encoder, jepa.predictor, jepa.level, jepa.projector)
-        self.target_cfg, self.online = jepa.target_cfg, jepa.online
+        self.target_cfg, self.online, self.mlm_on = jepa.target_cfg, jepa.online, mlm_on
         dim = jepa.encoder.dim
         self.head_norm = nn.LayerNorm(dim, eps=norm_eps)
         self.head = nn.Linear(dim, vocab_size)
@@ -47,11 +54,17 @@ class JEPAMLM(JEPA):
         nn.init.zeros_(self.head.bias)
 
     def forward(self, batch: Batch) -> tuple[Tensor, ...]:
-        ids, pos = self.context_inputs(batch, key="mlm_input_ids")
+        window = self.mlm_on == "window"
+        ids, pos = self.context_inputs(batch, key="input_ids" if window else "mlm_input_ids")
         ctx = self.encoder(ids, pos, batch["ctx_valid"], batch_segments(batch, "ctx"))
         preds = self.predict_from(batch, ctx, pos, batch["ctx_valid"], self.level == "sentence")
-        index = batch["mlm_ctx_index"][..., None].expand(-1, -1, ctx.shape[-1])
-        logits = self.head(self.head_norm(ctx.gather(1, index)))
+        if window:  # the corrupted whole window, as the masked-LM control reads it
+            feats = self.encoder(batch["mlm_input_ids"], batch["position_ids"], batch["valid"],
+                                 batch_segments(batch, "full"))  # fmt: skip
+            index = batch["mlm_index"][..., None].expand(-1, -1, feats.shape[-1])
+        else:
+            feats, index = ctx, batch["mlm_ctx_index"][..., None].expand(-1, -1, ctx.shape[-1])
+        logits = self.head(self.head_norm(feats.gather(1, index)))
         if self.online:  # the targets read the clean window
             feats = window_features(self.encoder, batch, None, self.target_cfg)
             return preds, logits, (ctx if self.return_context else None), feats
@@ -94,7 +107,7 @@ class JEPAMLMObjective(JEPAObjective):
         super().__init__(cfg, vocab_size, rt)
         self.mask_id = mask_token_id(cfg.data.shards)
         jepa = self.module
-        self.module = JEPAMLM(jepa, vocab_size, cfg.model.norm_eps)
+        self.module = JEPAMLM(jepa, vocab_size, cfg.model.norm_eps, cfg.loss.mlm_on)
         self.module.return_context = jepa.return_context
         self.ema.online = self.module.encoder
 
@@ -102,7 +115,8 @@ class JEPAMLMObjective(JEPAObjective):
         gen = torch.Generator().manual_seed(
             stable_hash63(f"jepa+mlm-{split}", self.cfg.train.seed, *key)
         )
-        masked = context_mlm_mask(
+        corrupt = mlm_mask if self.cfg.loss.mlm_on == "window" else context_mlm_mask
+        masked = corrupt(
             batch, self.mask_id, self.cfg.model.vocab_size, self.cfg.loss.mlm_prob, gen
         )
         loss = self.cfg.loss
@@ -146,9 +160,15 @@ class JEPAMLMObjective(JEPAObjective):
         model_flops, hardware_flops = step_flops(
             self.module, batch, self.cfg.model.activation_checkpointing
         )
-        head = 3.0 * 2.0 * self.module.encoder.dim * self.module.head.out_features
-        head = head * batch["mlm_valid"].sum()
-        return model_flops + head, hardware_flops + head
+        enc = self.module.encoder
+        head = 3.0 * 2.0 * enc.dim * self.module.head.out_features * batch["mlm_valid"].sum()
+        model_flops, hardware_flops = model_flops + head, hardware_flops + head
+        if self.cfg.loss.mlm_on == "window":  # the second forward and its backward
+            fwd = stream_flops(enc, batch, "full", batch["valid"].sum(1).float())
+            model_flops = model_flops + 3.0 * fwd
+            recompute = fwd if self.cfg.model.activation_checkpointing else 0.0
+            hardware_flops = hardware_flops + 3.0 * fwd + recompute
+        return model_flops, hardware_flops
 
     def summary(self) -> str:
         n_enc = parameter_count(self.module.encoder)
@@ -156,5 +176,6 @@ class JEPAMLMObjective(JEPAObjective):
         n_pred = parameter_count(self.module) - n_enc - n_head
         return (
             f"encoder {n_enc / 1e6:.1f}M params, predictor {n_pred / 1e6:.1f}M params, "
-            f"MLM head {n_head / 1e6:.1f}M params (weight {self.cfg.loss.mlm_weight})"
+            f"MLM head {n_head / 1e6:.1f}M params (weight {self.cfg.loss.mlm_weight}, "
+            f"on the {self.cfg.loss.mlm_on})"
         )

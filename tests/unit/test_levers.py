@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lang_jepa.config import ConfigError, load_config
-from lang_jepa.metrics import CollapseAlarm
+from lang_jepa.metrics import CollapseAlarm, stream_flops
 from lang_jepa.objectives import (
     Runtime,
     batch_segments,
@@ -325,6 +325,55 @@ def test_a_delayed_latent_loss_enters_on_its_step_and_ramps(tiny_shards):
     assert latent_weight(14, 10, 4) == 1.0 and latent_weight(0, 0, 0) == 1.0  # the default
     with pytest.raises(ConfigError, match="'loss.latent_start'.*jepa\\+mlm"):
         load_config("tiny", [f"data.shards={tiny_shards}", "loss.latent_start=5"])
+
+
+def test_the_hybrids_token_loss_over_the_whole_window(tiny_shards):
+    """``loss.mlm_on=window``: the control's corruption of the whole window in a second forward,
+    the context forward on clean tokens; ``context`` predicts context tokens only."""
+    cfg, _, _, batch, vocab = setup_batch(
+        tiny_shards, "objective=jepa+mlm", "loss.mlm_on=window", "loss.mlm_prob=0.3"
+    )
+    cfg.model.vocab_size = vocab
+    torch.manual_seed(0)
+    objective = build_objective(cfg, vocab, CPU)
+    prepared = objective.prepare(batch, "train", (0, 0, 0))
+    v = prepared["mlm_valid"]
+    rows = torch.arange(len(v))[:, None].expand_as(v)
+    # the labels are window tokens, hidden sentences' among them
+    assert torch.equal(
+        prepared["mlm_labels"][v], batch["input_ids"][rows[v], prepared["mlm_index"][v]]
+    )
+    hidden = torch.zeros_like(batch["valid"])
+    hidden[rows[v], prepared["mlm_index"][v]] = True
+    in_ctx = torch.zeros_like(batch["valid"]).scatter(1, batch["ctx_index"], batch["ctx_valid"])
+    assert (hidden & ~in_ctx).any() and (hidden & in_ctx).any()
+    # the context forward reads clean tokens, the second forward the corrupted window
+    seen = []
+    hook = objective.module.encoder.register_forward_hook(lambda m, a, o: seen.append(a[0]))
+    loss, out = objective.loss(objective.module, prepared)
+    hook.remove()
+    ctx_ids, _ = objective.module.context_inputs(prepared, key="input_ids")
+    assert len(seen) == 2
+    assert torch.equal(seen[0], ctx_ids) and torch.equal(seen[1], prepared["mlm_input_ids"])
+    assert not torch.equal(prepared["mlm_input_ids"], batch["input_ids"])
+    p = out.parts
+    assert float(loss) == pytest.approx(float(p["latent_loss"] + p["mlm_loss"]), rel=1e-5)
+    assert float(p["mlm_loss"]) == pytest.approx(math.log(vocab), rel=0.05)  # untrained head
+    # FLOPs: the context variant's plus a full-window forward and backward (its head at more
+    # positions, so more than that); the same draw for the same key
+    ctx_cfg, *_ = setup_batch(tiny_shards, "objective=jepa+mlm", "loss.mlm_prob=0.3")
+    ctx_cfg.model.vocab_size = vocab
+    ctx_obj = build_objective(ctx_cfg, vocab, CPU)
+    ctx_prepared = ctx_obj.prepare(batch, "train", (0, 0, 0))
+    full = stream_flops(objective.module.encoder, prepared, "full", batch["valid"].sum(1).float())
+    assert float(objective.flops(prepared)[0]) > float(ctx_obj.flops(ctx_prepared)[0] + 3 * full)
+    again = objective.prepare(batch, "train", (0, 0, 0))
+    assert torch.equal(again["mlm_input_ids"], prepared["mlm_input_ids"])
+    base = [f"data.shards={tiny_shards}"]
+    for bad in (["loss.mlm_on=tokens"], ["loss.mlm_on=window"],
+                ["objective=jepa+mlm", "loss.mlm_on=window", "mask.draws=2"]):  # fmt: skip
+        with pytest.raises(ConfigError, match="'loss.mlm_on'"):
+            load_config("tiny", [*base, *bad])
 
 
 def test_the_alarm_sees_a_prediction_that_regressed_to_the_mean():
