@@ -8,8 +8,8 @@ those features as in ``jepa``, and an MLM head predicts the corrupted tokens' id
 features. The token loss then never reads a hidden sentence: it predicts ``mlm_prob`` x the
 context's share of the window's tokens. ``loss.mlm_on=window``: the context forward reads clean
 tokens, and a second forward with gradient reads the whole window corrupted as ``objective=mlm``
-corrupts it, the MLM head on its features: the control's token loss beside the latent loss. The EMA target encoder reads the
-clean window. Loss: w x the JEPA loss + ``loss.mlm_weight`` x the token cross-entropy, where w is
+corrupts it, the MLM head on its features: the control's token loss beside the latent loss. The
+EMA target encoder reads the clean window. Loss: w x the JEPA loss + ``loss.mlm_weight`` x the token cross-entropy, where w is
 0 before step ``loss.latent_start``, rises linearly to 1 over ``loss.latent_ramp`` steps and is 1
 after (and always 1 with both at 0, the default; validation batches use 1).
 """
@@ -23,7 +23,6 @@ from torch import Tensor, nn
 
 from ..config import Config
 from ..data.windows import stable_hash63
-from ..metrics import stream_flops
 from .base import Batch, Outputs, Runtime, batch_segments, move_batch, parameter_count
 from .jepa import (
     JEPA,
@@ -34,7 +33,7 @@ from .jepa import (
     step_flops,
     window_features,
 )
-from .mlm import mask_token_id, mlm_loss, mlm_mask
+from .mlm import mask_token_id, mlm_loss, mlm_mask, mlm_step_flops
 
 
 class JEPAMLM(JEPA):
@@ -160,15 +159,16 @@ class JEPAMLMObjective(JEPAObjective):
         model_flops, hardware_flops = step_flops(
             self.module, batch, self.cfg.model.activation_checkpointing
         )
-        enc = self.module.encoder
-        head = 3.0 * 2.0 * enc.dim * self.module.head.out_features * batch["mlm_valid"].sum()
-        model_flops, hardware_flops = model_flops + head, hardware_flops + head
-        if self.cfg.loss.mlm_on == "window":  # the second forward and its backward
-            fwd = stream_flops(enc, batch, "full", batch["valid"].sum(1).float())
-            model_flops = model_flops + 3.0 * fwd
-            recompute = fwd if self.cfg.model.activation_checkpointing else 0.0
-            hardware_flops = hardware_flops + 3.0 * fwd + recompute
-        return model_flops, hardware_flops
+        if self.cfg.loss.mlm_on == "window":  # the control's forward, backward and head
+            tok_model, tok_hardware = mlm_step_flops(
+                self.module, batch, self.cfg.model.activation_checkpointing
+            )
+        else:  # the head only: the context forward is step_flops'
+            tok_model = tok_hardware = (
+                3.0 * 2.0 * self.module.encoder.dim * self.module.head.out_features
+                * batch["mlm_valid"].sum()
+            )  # fmt: skip
+        return model_flops + tok_model, hardware_flops + tok_hardware
 
     def summary(self) -> str:
         n_enc = parameter_count(self.module.encoder)
