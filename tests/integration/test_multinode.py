@@ -29,8 +29,8 @@ _WHY_NOT = vhosts.unavailable()
 TINY = ["train.val_interval=0", "train.log_interval=1", "train.precision=fp32"]
 
 
-STEPS = 30
-JOB = ["train.max_steps=30", "train.save_interval=1000"]
+STEPS = 15
+JOB = [f"train.max_steps={STEPS}", "train.save_interval=1000"]
 
 
 @pytest.fixture(scope="module")
