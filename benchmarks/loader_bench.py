@@ -86,7 +86,13 @@ def padding_floor(shard_dir: Path, seq_len: int) -> tuple[float, float]:
 
 
 def measure(
-    shard_dir: Path, preset: str, seq_len: int, workers: int, seconds: float, packing: bool
+    shard_dir: Path,
+    preset: str,
+    seq_len: int,
+    workers: int,
+    seconds: float,
+    packing: bool,
+    min_batches: int = 0,
 ) -> dict:
     cfg = load_config(
         preset, [f"data.shards={shard_dir}", f"model.seq_len={seq_len}", f"data.packing={packing}"]
@@ -96,7 +102,7 @@ def measure(
         next(loader)
     sums = dict.fromkeys(("real", "total", "ctx", "ctx_total", "tgt", "tgt_total", "batches"), 0)
     start = time.perf_counter()
-    while time.perf_counter() - start < seconds:
+    while time.perf_counter() - start < seconds or sums["batches"] < min_batches:
         batch = next(loader)
         for key, mask in (("real", "valid"), ("ctx", "ctx_valid"), ("tgt", "tgt_valid")):
             sums[key] += int(batch[mask].sum())
@@ -110,6 +116,7 @@ def measure(
         "packing": packing,
         "micro_batch": cfg.data.micro_batch_size,
         "tokens_per_s": sums["real"] / elapsed,
+        "batches": sums["batches"],
         "batches_per_s": sums["batches"] / elapsed,
         "padding_fraction": 1.0 - sums["real"] / sums["total"],
         "ctx_padding_fraction": 1.0 - sums["ctx"] / sums["ctx_total"],
@@ -127,6 +134,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seq-len", type=int, nargs="+", default=[256, 512])
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--seconds", type=float, default=8.0, help="measuring time per seq_len")
+    p.add_argument(
+        "--min-batches",
+        type=int,
+        default=0,
+        help="measure at least this many batches (fixed figures whatever the load)",
+    )
     p.add_argument("--no-unpacked", action="store_true", help="measure packed batches only")
     p.add_argument("--json", help="write the packed figures of the first seq_len here")
     args = p.parse_args(argv)
@@ -137,7 +150,15 @@ def main(argv: list[str] | None = None) -> None:
         for seq_len in args.seq_len:
             for packing in modes:
                 rows.append(
-                    measure(shard_dir, args.preset, seq_len, args.workers, args.seconds, packing)
+                    measure(
+                        shard_dir,
+                        args.preset,
+                        seq_len,
+                        args.workers,
+                        args.seconds,
+                        packing,
+                        args.min_batches,
+                    )
                 )
             floors[seq_len] = padding_floor(shard_dir, seq_len)
     print(f"data: {source}; preset {args.preset}; {args.workers} worker(s)")
