@@ -81,9 +81,10 @@ def test_train_bench_json(tiny_shards: Path, tmp_path: Path) -> None:
 def test_loader_bench_json(tiny_shards: Path, tmp_path: Path) -> None:
     """Real shards through the real loader, packed and unpacked: packing removes most padding."""
     out = tmp_path / "loader.json"
+    # a fixed count of batches, not a time: the padding figures then do not depend on load
     cmd = [sys.executable, str(LOADER_BENCH), "--shards", str(tiny_shards), "--preset", "tiny",
            "--seq-len", "64", "--seconds", "0", "--min-batches", "40",
-           "--json", str(out)]  # fmt: skip  (a fixed count: the padding does not depend on load)
+           "--json", str(out)]  # fmt: skip
     _run(cmd, cwd=tmp_path)
     r = json.loads(out.read_text())
     assert _positive(r["tokens_per_s_per_worker"]) and r["seq_len"] == 64
