@@ -9,9 +9,10 @@ features. The token loss then never reads a hidden sentence: it predicts ``mlm_p
 context's share of the window's tokens. ``loss.mlm_on=window``: the context forward reads clean
 tokens, and a second forward with gradient reads the whole window corrupted as ``objective=mlm``
 corrupts it, the MLM head on its features: the control's token loss beside the latent loss. The
-EMA target encoder reads the clean window. Loss: w x the JEPA loss + ``loss.mlm_weight`` x the token cross-entropy, where w is
-0 before step ``loss.latent_start``, rises linearly to 1 over ``loss.latent_ramp`` steps and is 1
-after (and always 1 with both at 0, the default; validation batches use 1).
+EMA target encoder reads the clean window. Loss: w x the JEPA loss + ``loss.mlm_weight`` x the
+token cross-entropy, where w is 0 before step ``loss.latent_start``, rises linearly to 1 over
+``loss.latent_ramp`` steps and is 1 after (and always 1 with both at 0, the default; validation
+batches use 1).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from .jepa import (
     step_flops,
     window_features,
 )
-from .mlm import mask_token_id, mlm_loss, mlm_mask, mlm_step_flops
+from .mlm import head_flops, mask_token_id, mlm_loss, mlm_mask, mlm_step_flops
 
 
 class JEPAMLM(JEPA):
@@ -164,10 +165,7 @@ class JEPAMLMObjective(JEPAObjective):
                 self.module, batch, self.cfg.model.activation_checkpointing
             )
         else:  # the head only: the context forward is step_flops'
-            tok_model = tok_hardware = (
-                3.0 * 2.0 * self.module.encoder.dim * self.module.head.out_features
-                * batch["mlm_valid"].sum()
-            )  # fmt: skip
+            tok_model = tok_hardware = 3.0 * head_flops(self.module, batch)
         return model_flops + tok_model, hardware_flops + tok_hardware
 
     def summary(self) -> str:

@@ -80,13 +80,16 @@ def mlm_loss(logits: Tensor, batch: Batch) -> Tensor:
     )
 
 
+def head_flops(model: nn.Module, batch: Batch) -> Tensor:
+    """Forward FLOPs of a model's output head (``model.head``) at the batch's predicted positions."""
+    return 2.0 * model.encoder.dim * model.head.out_features * batch["mlm_valid"].sum()
+
+
 def mlm_step_flops(model: MLM, batch: Batch, recompute: bool) -> tuple[Tensor, Tensor]:
     """(model FLOPs, hardware FLOPs) of one MLM micro-batch: encoder forward and backward over the
     full window plus the output head at the predicted positions."""
-    enc = model.encoder
-    enc_fwd = stream_flops(enc, batch, "full", batch["valid"].sum(1).float())
-    head_fwd = 2.0 * enc.dim * model.head.out_features * batch["mlm_valid"].sum()
-    model_flops = 3.0 * (enc_fwd + head_fwd)
+    enc_fwd = stream_flops(model.encoder, batch, "full", batch["valid"].sum(1).float())
+    model_flops = 3.0 * (enc_fwd + head_flops(model, batch))
     return model_flops, model_flops + enc_fwd if recompute else model_flops
 
 
