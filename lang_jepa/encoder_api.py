@@ -149,7 +149,8 @@ class Encoder:
 
     def encode(self, texts: str | Sequence[str], level: Literal["sentence", "document"] = "sentence",
                batch_size: int = 32, normalize: bool = False, layer_norm: bool = False,
-               as_numpy: bool = False, empty: Literal["error", "zero"] = "error") -> Tensor | np.ndarray:  # fmt: skip
+               as_numpy: bool = False, empty: Literal["error", "zero"] = "error",
+               all_layers: bool = False) -> Tensor | np.ndarray:  # fmt: skip
         """Embeddings [T, D] (fp32, on CPU) of ``texts`` (a str gives [1, D]).
 
         ``level="sentence"``: each text is embedded as one sentence; ``level="document"``: each
@@ -159,6 +160,10 @@ class Encoder:
         A text without any token (empty, or whitespace only) has nothing to embed: ``empty="error"``
         (the default) raises ValueError naming its index; ``empty="zero"`` gives it an all-zero
         row, left zero by ``normalize`` and ``layer_norm`` (its cosine with anything is 0).
+
+        ``all_layers``: [T, depth + 2, D], every hidden state pooled alike (embedding output, each
+        block, final = the default embedding), for layer-wise analysis
+        (``python -m lang_jepa.eval.layers``).
         """
         if level not in ("sentence", "document"):
             raise ValueError(f"level must be 'sentence' or 'document', got {level!r}")
@@ -173,7 +178,7 @@ class Encoder:
                 f"texts[{', '.join(map(str, blank[:5]))}]{more}: no token to embed (empty or "
                 "whitespace only); drop them, or pass empty='zero' for all-zero rows"
             )
-        out = self.encode_ids(docs, level="document", batch_size=batch_size)
+        out = self.encode_ids(docs, level="document", batch_size=batch_size, all_layers=all_layers)
         out = self._finish(out, normalize, layer_norm, as_numpy=False)
         if blank:
             out[blank] = 0.0  # layer_norm of a zero row is its bias-free zero: keep it exactly 0
@@ -206,10 +211,12 @@ class Encoder:
 
     @torch.no_grad()
     def embed_tokens(self, input_ids: Tensor, position_ids: Tensor | None = None,
-                     valid: Tensor | None = None) -> Tensor:  # fmt: skip
+                     valid: Tensor | None = None, all_layers: bool = False) -> Tensor:  # fmt: skip
         """Final token features [B, N, D] (fp32) of padded windows ``input_ids`` [B, N].
 
-        ``position_ids`` default to ``0..N-1``; ``valid`` [B, N] (bool) marks real tokens."""
+        ``position_ids`` default to ``0..N-1``; ``valid`` [B, N] (bool) marks real tokens.
+        ``all_layers``: [B, N, depth + 2, D], every hidden state of
+        :meth:`~lang_jepa.models.TextEncoder.hidden_states` (embeddings, each block, final)."""
         input_ids = input_ids.to(self.device)
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=self.device).expand_as(input_ids)
@@ -220,28 +227,35 @@ class Encoder:
         with torch.autocast(
             self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None
         ):
+            if all_layers:
+                states = self.model.hidden_states(input_ids, position_ids, valid)
+                return torch.stack(states, dim=2).float()
             return self.model(input_ids, position_ids, valid).float()
 
     def encode_ids(self, docs: Sequence[Doc], level: Literal["sentence", "document"] = "document",
-                   batch_size: int = 32) -> Tensor:  # fmt: skip
+                   batch_size: int = 32, all_layers: bool = False) -> Tensor:  # fmt: skip
         """Pooled embeddings of tokenized documents (the shard fields: ids [T], offsets [S + 1]).
 
         ``level="document"``: [len(docs), D], the mean over each document's tokens.
         ``level="sentence"``: [sum S_i, D], each sentence's mean, documents concatenated in order.
         Every token is read in the context of its window (whole sentences, <= seq_len tokens).
+        ``all_layers``: [units, depth + 2, D], each hidden state pooled alike (the last is the
+        embedding above; see :meth:`embed_tokens`).
         """
         windows, units, n_units = _windows(docs, self.seq_len, per_sentence=level == "sentence")
-        sums = torch.zeros(n_units, self.dim, dtype=torch.float32, device=self.device)
+        width = (len(self.model.stack.blocks) + 2, self.dim) if all_layers else (self.dim,)
+        sums = torch.zeros(n_units, *width, dtype=torch.float32, device=self.device)
         counts = torch.zeros(n_units, dtype=torch.float32, device=self.device)
         order = sorted(range(len(windows)), key=lambda i: len(windows[i]))  # less padding
         for start in range(0, len(order), batch_size):
             chosen = order[start : start + batch_size]
             ids, valid = _pad([windows[i] for i in chosen])
             unit = torch.from_numpy(np.concatenate([units[i] for i in chosen])).to(self.device)
-            feats = self.embed_tokens(ids, None, valid)[valid.to(self.device)]  # [tokens, D]
-            sums.index_add_(0, unit, feats)
+            feats = self.embed_tokens(ids, None, valid, all_layers)[valid.to(self.device)]
+            sums.index_add_(0, unit, feats)  # feats: [tokens, D] or [tokens, depth + 2, D]
             counts.index_add_(0, unit, torch.ones_like(unit, dtype=torch.float32))
-        return (sums / counts.clamp(min=1)[:, None]).cpu()
+        counts = counts.clamp(min=1).view(-1, *([1] * len(width)))
+        return (sums / counts).cpu()
 
 
 def _windows(

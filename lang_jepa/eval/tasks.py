@@ -113,9 +113,17 @@ def lee_similarity(embedder: Embedder) -> dict[str, float]:
     """Spearman of cosine similarity vs the 1,225 human ratings of Lee document pairs, on the raw
     embeddings and on the embeddings centred / whitened with statistics of the 50 documents'
     own embeddings (:func:`~.metrics.fit_postprocess`; no ratings used)."""
-    docs, human = lee_corpus()
-    z = torch.from_numpy(np.asarray(embedder.documents(docs), dtype=np.float32))
-    iu = np.triu_indices(len(docs), k=1)
+    docs, _ = lee_corpus()
+    return lee_scores(embedder.documents(docs))
+
+
+def lee_scores(embeddings: np.ndarray | torch.Tensor) -> dict[str, float]:
+    """:func:`lee_similarity` of the 50 Lee documents' embeddings [50, D], in corpus order."""
+    _, human = lee_corpus()
+    z = torch.as_tensor(np.asarray(embeddings, dtype=np.float32))
+    if z.shape[0] != len(human):
+        raise ValueError(f"expected {len(human)} Lee document embeddings, got {z.shape[0]}")
+    iu = np.triu_indices(len(human), k=1)
     out = {"n_pairs": float(len(iu[0]))}
     for mode in POSTPROCESS:
         zn = torch.nn.functional.normalize(fit_postprocess(z, mode)(z), dim=-1)

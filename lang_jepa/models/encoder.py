@@ -112,6 +112,18 @@ class TextEncoder(_Checkpointable):
         # no `valid.all()` check to drop the mask: it would cost a host sync every forward
         return self.stack(x, rope, segments if segments is not None else valid)
 
+    def hidden_states(
+        self, input_ids: Tensor, position_ids: Tensor, valid: Tensor | None = None
+    ) -> list[Tensor]:
+        """``depth + 2`` tensors [B, N, D]: the embedding output, each block's output, and the
+        final (normed) output, which is :meth:`forward`'s. For layer-wise analysis (eval only)."""
+        x, rope = self._embed(input_ids, position_ids)
+        out = [x]
+        for block in self.stack.blocks:
+            out.append(block(out[-1], rope, valid))
+        out.append(self.stack.norm(out[-1]))
+        return out
+
     def top_layers(
         self,
         input_ids: Tensor,

@@ -8,16 +8,30 @@ input) keeps the true positions of its tokens.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-try:  # flash attention over variable-length segments (CUDA, fp16/bf16); torch >= 2.9
-    from torch.nn.attention.varlen import varlen_attn
-except ImportError:  # pragma: no cover - older torch: the padded SDPA path is used
-    varlen_attn = None
+# Flash attention over variable-length segments (CUDA, fp16/bf16; torch >= 2.9), imported on first
+# use: the module pulls in torch._dynamo, 2-3 s of CPU at the start of every process (each rank,
+# each tool) that would otherwise never touch it.
+_UNRESOLVED = object()
+varlen_attn: Any = _UNRESOLVED
+
+
+def _varlen_attn() -> Any:
+    """``torch.nn.attention.varlen.varlen_attn``, or None where this torch has none."""
+    global varlen_attn
+    if varlen_attn is _UNRESOLVED:
+        try:
+            from torch.nn.attention.varlen import varlen_attn as found
+        except ImportError:  # pragma: no cover - older torch: the padded SDPA path is used
+            found = None
+        varlen_attn = found
+    return varlen_attn
 
 
 def rope_cos_sin(position_ids: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
@@ -77,14 +91,14 @@ def use_varlen(q: Tensor, dropout: float) -> bool:
     """Whether :func:`segment_attention` takes flash ``varlen_attn``: CUDA, fp16/bf16, no dropout
     (varlen_attn has none: the padded path handles it)."""
     half = q.dtype in (torch.float16, torch.bfloat16)
-    return varlen_attn is not None and q.is_cuda and half and dropout == 0.0
+    return q.is_cuda and half and dropout == 0.0 and _varlen_attn() is not None
 
 
 def segment_attention(q: Tensor, k: Tensor, v: Tensor, seg: Segments, dropout: float) -> Tensor:
     """Attention of q, k, v [T, H, hd] (flattened tokens) within each segment -> [T, H, hd]."""
     if use_varlen(q, dropout):
         cu = seg.cu_seqlens
-        return varlen_attn(q, k, v, cu, cu, seg.max_len, seg.max_len)
+        return _varlen_attn()(q, k, v, cu, cu, seg.max_len, seg.max_len)
     n, m = seg.pad_index.shape
     pad = [t[seg.pad_index].transpose(1, 2) for t in (q, k, v)]  # [n, H, m, hd]
     out = F.scaled_dot_product_attention(
