@@ -134,8 +134,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
+        from lang_jepa.experiment.results import describe_machine, machine
+        from lang_jepa.runinfo import git_revision
+
         settings = {"rt": rt is not None, "rt_snippets": None if rt is None else len(rt[0]),
-                    "random_seeds": args.random}  # fmt: skip
+                    "random_seeds": args.random, "date": time.strftime("%Y-%m-%d"),
+                    "commit": git_revision(), "machine": describe_machine(machine())}  # fmt: skip
         (out / "layers.json").write_text(
             json.dumps({"settings": settings, "encoders": results}, indent=2) + "\n"
         )

@@ -60,6 +60,7 @@ def test_cli_scores_each_view_and_its_final_row_is_the_suite_s(export, tmp_path,
     assert layers.main([str(export), "--random", "3", "--rt-limit", "300", "--out", str(out)]) == 0
     result = json.loads((out / "layers.json").read_text())
     assert result["settings"]["rt_snippets"] == 300
+    assert "AVX2" in result["settings"]["machine"] and result["settings"]["commit"]
     rows = result["encoders"]
     assert list(rows) == [str(export), "random-s3"]
     enc = Encoder.from_pretrained(export, device="cpu")
