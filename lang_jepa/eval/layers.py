@@ -5,15 +5,17 @@ centred and whitened embeddings; the Rotten Tomatoes probe) are scored on every 
 state of each export, each pooled as the exported embedding is (mean over a document's tokens in
 their windows):
 
-- ``embeddings``: the embedding output, i.e. the mean of the document's (trained) word vectors;
-- ``block1`` .. ``blockD``: each transformer block's output (before the final norm);
+- ``embeddings``: the embedding output (with rotary positions, the mean of the document's word
+  vectors; with learned positions, word + position vectors, layer-normed for ``arch=bert``);
+- ``block1`` .. ``blockD``: each transformer block's output (before the final norm, if any);
 - ``final``: the final output, which is the exported embedding (``Encoder.encode``);
-- ``first_last``: the mean of the parameter-free layer-normed ``embeddings`` and ``final``
-  (the "first-last average" of the sentence-embedding literature).
+- ``first_last``: ``(layer_norm(embeddings) + final) / 2``, the norm without parameters (``final``
+  is normed already): the bottom-and-top average of the sentence-embedding literature.
 
-``--random SEED`` adds a random-init encoder of the first export's architecture (seeded as the
-evaluation suite's baseline). Prints a markdown table; ``--out DIR`` also writes ``layers.json``
-and ``layers.md``. One forward pass per text serves every hidden state.
+``--random SEED`` adds a random-init encoder of the first export's architecture (``--random 0`` is
+the evaluation suite's ``random`` baseline). Prints a markdown table; ``--out DIR`` also writes
+``layers.json`` and ``layers.md``, each with the date, commit and machine. One forward pass per
+text serves every hidden state.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from lang_jepa.encoder_api import CONFIG_NAME, TOKENIZER_DIR, Encoder, read_export_config
+from lang_jepa.experiment.results import describe_machine, machine
+from lang_jepa.runinfo import git_revision
 
 from .loading import random_encoder
 from .metrics import probe_accuracy
@@ -76,7 +80,7 @@ def layer_scores(encoder: Encoder, rt: tuple[list[str], np.ndarray] | None,
         row = {"lee_spearman": s["spearman"], "lee_spearman_centred": s["spearman_centred"],
                "lee_spearman_whitened": s["spearman_whitened"]}  # fmt: skip
         if probe is not None:
-            row["rt_accuracy"] = probe_accuracy(probe[name].numpy(), rt[1])["accuracy"]
+            row["rt_accuracy"] = probe_accuracy(probe[name].numpy(), labels)["accuracy"]
         out[name] = row
     return out
 
@@ -134,16 +138,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        from lang_jepa.experiment.results import describe_machine, machine
-        from lang_jepa.runinfo import git_revision
-
         settings = {"rt": rt is not None, "rt_snippets": None if rt is None else len(rt[0]),
                     "random_seeds": args.random, "date": time.strftime("%Y-%m-%d"),
                     "commit": git_revision(), "machine": describe_machine(machine())}  # fmt: skip
         (out / "layers.json").write_text(
             json.dumps({"settings": settings, "encoders": results}, indent=2) + "\n"
         )
-        (out / "layers.md").write_text(table)
+        (out / "layers.md").write_text(
+            f"{table}\nMeasured {settings['date']} on {settings['machine']}; commit "
+            f"{settings['commit'][:12]}; RT: {settings['rt_snippets'] or 'not run'} snippets.\n"
+        )
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -12,9 +13,16 @@ import torch.nn.functional as F
 from lang_jepa.config import load_config
 from lang_jepa.encoder_api import TOKENIZER_DIR, Encoder
 from lang_jepa.eval import layers
-from lang_jepa.eval.tasks import EncoderEmbedder, lee_scores, lee_similarity
+from lang_jepa.eval.tasks import (
+    EncoderEmbedder,
+    lee_scores,
+    lee_similarity,
+    rotten_tomatoes,
+    sentiment_probe,
+)
 from lang_jepa.export import export_random_init
-from lang_jepa.models import encoder_config
+from lang_jepa.models import TextEncoder, encoder_config
+from lang_jepa.runinfo import git_revision
 
 TEXTS = ["The Congress met in December. Taxes were the first question.",
          "Peace with the western tribes was made. The treaty holds."]  # fmt: skip
@@ -44,6 +52,26 @@ def test_all_layers_pool_every_hidden_state_and_end_with_the_embedding(export):
     torch.testing.assert_close(first, bag.detach())
 
 
+@pytest.mark.parametrize(
+    "arch, pos", [("pre_ln", "rope"), ("pre_ln", "learned"), ("bert", "learned")]
+)
+def test_hidden_states_are_the_blocks_outputs_and_end_with_forward(arch, pos):
+    torch.manual_seed(0)
+    model = TextEncoder(50, 16, 3, 2, max_len=12, pos=pos, arch=arch).eval()
+    ids = torch.randint(0, 50, (2, 12))
+    positions = torch.arange(12).expand(2, 12)
+    valid = torch.ones(2, 12, dtype=torch.bool)
+    valid[1, 7:] = False  # a padded window
+    with torch.no_grad():
+        states = model.hidden_states(ids, positions, valid)
+        blocks = model.top_layers(ids, positions, valid, None, 3, "block")
+        out = model(ids, positions, valid)
+    assert len(states) == 3 + 2
+    for got, want in zip(states[1:-1], blocks, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(states[-1], out, rtol=0, atol=0)
+
+
 def test_layer_views_name_every_state_and_the_first_last_mean():
     pooled = torch.randn(5, 4, 8)  # depth 2
     views = layers.layer_views(pooled)
@@ -59,8 +87,9 @@ def test_cli_scores_each_view_and_its_final_row_is_the_suite_s(export, tmp_path,
     out = tmp_path / "out"
     assert layers.main([str(export), "--random", "3", "--rt-limit", "300", "--out", str(out)]) == 0
     result = json.loads((out / "layers.json").read_text())
-    assert result["settings"]["rt_snippets"] == 300
-    assert "AVX2" in result["settings"]["machine"] and result["settings"]["commit"]
+    settings = result["settings"]
+    assert settings["rt_snippets"] == 300 and settings["commit"] == git_revision()
+    assert settings["date"] == time.strftime("%Y-%m-%d") and " cores, AVX2 " in settings["machine"]
     rows = result["encoders"]
     assert list(rows) == [str(export), "random-s3"]
     enc = Encoder.from_pretrained(export, device="cpu")
@@ -68,14 +97,17 @@ def test_cli_scores_each_view_and_its_final_row_is_the_suite_s(export, tmp_path,
     final = rows[str(export)]["final"]
     assert final["lee_spearman"] == pytest.approx(suite["spearman"], abs=1e-6)
     assert final["lee_spearman_whitened"] == pytest.approx(suite["spearman_whitened"], abs=1e-6)
+    rt = rotten_tomatoes(limit=300)
+    assert final["rt_accuracy"] == sentiment_probe(EncoderEmbedder(enc, "model"), *rt)["accuracy"]
     # the export is the seed-3 random init, so the two encoders score alike in every view
     for view, row in rows[str(export)].items():
         for key, value in row.items():
             assert rows["random-s3"][view][key] == pytest.approx(value, abs=1e-6), (view, key)
         assert 0.0 <= row["rt_accuracy"] <= 1.0
-    table = (out / "layers.md").read_text()
-    assert table == capsys.readouterr().out
+    table = capsys.readouterr().out
     assert table.count("| random-s3 |") == 2 + len(enc.model.stack.blocks) + 1
+    assert (out / "layers.md").read_text().startswith(table)
+    assert f"commit {git_revision()[:12]}" in (out / "layers.md").read_text()
 
 
 def test_bad_inputs_get_clear_errors(tmp_path, capsys):
