@@ -12,7 +12,7 @@ their windows):
 - ``first_last``: ``(layer_norm(embeddings) + final) / 2``, the norm without parameters (``final``
   is normed already): the bottom-and-top average of the sentence-embedding literature.
 
-``--random SEED`` adds a random-init encoder of the first export's architecture (``--random 0`` is
+An export is named by its path, or by ``NAME`` given as ``NAME=EXPORT``. ``--random SEED`` adds a random-init encoder of the first export's architecture (``--random 0`` is
 the evaluation suite's ``random`` baseline). Prints a markdown table; ``--out DIR`` also writes
 ``layers.json`` and ``layers.md``, each with the date, commit and machine. One forward pass per
 text serves every hidden state.
@@ -101,7 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lang_jepa.eval.layers", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument(
-        "exports", nargs="+", help="export directories (python -m lang_jepa.export)"
+        "exports",
+        nargs="+",
+        metavar="[NAME=]EXPORT",
+        help="export directories (python -m lang_jepa.export), each named by its path or NAME",
     )
     parser.add_argument("--random", type=int, action="append", default=[], metavar="SEED",
                         help="add a random-init encoder of the first export's shape (repeatable)")  # fmt: skip
@@ -113,12 +116,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-    paths = [Path(p) for p in args.exports]
+    named = [a.split("=", 1) if "=" in a else [a, a] for a in args.exports]
+    paths = [Path(p) for _, p in named]
     for path in paths:  # every input checked before any is scored
         if not (path / CONFIG_NAME).is_file():
             parser.error(f"{path}: not an export directory (no {CONFIG_NAME})")
     jobs: list[tuple[str, Callable[[], Encoder]]] = [
-        (str(p), lambda p=p: Encoder.from_pretrained(p, device="cpu")) for p in paths
+        (name, lambda p=p: Encoder.from_pretrained(p, device="cpu"))
+        for (name, _), p in zip(named, paths, strict=True)
     ]
     if args.random:
         model_cfg, tok = read_export_config(paths[0])["model"], paths[0] / TOKENIZER_DIR

@@ -85,22 +85,23 @@ def test_layer_views_name_every_state_and_the_first_last_mean():
 
 def test_cli_scores_each_view_and_its_final_row_is_the_suite_s(export, tmp_path, capsys):
     out = tmp_path / "out"
-    assert layers.main([str(export), "--random", "3", "--rt-limit", "300", "--out", str(out)]) == 0
+    argv = [f"seed3={export}", "--random", "3", "--rt-limit", "300", "--out", str(out)]
+    assert layers.main(argv) == 0
     result = json.loads((out / "layers.json").read_text())
     settings = result["settings"]
     assert settings["rt_snippets"] == 300 and settings["commit"] == git_revision()
     assert settings["date"] == time.strftime("%Y-%m-%d") and " cores, AVX2 " in settings["machine"]
     rows = result["encoders"]
-    assert list(rows) == [str(export), "random-s3"]
+    assert list(rows) == ["seed3", "random-s3"]
     enc = Encoder.from_pretrained(export, device="cpu")
     suite = lee_similarity(EncoderEmbedder(enc, "model"))
-    final = rows[str(export)]["final"]
+    final = rows["seed3"]["final"]
     assert final["lee_spearman"] == pytest.approx(suite["spearman"], abs=1e-6)
     assert final["lee_spearman_whitened"] == pytest.approx(suite["spearman_whitened"], abs=1e-6)
     rt = rotten_tomatoes(limit=300)
     assert final["rt_accuracy"] == sentiment_probe(EncoderEmbedder(enc, "model"), *rt)["accuracy"]
     # the export is the seed-3 random init, so the two encoders score alike in every view
-    for view, row in rows[str(export)].items():
+    for view, row in rows["seed3"].items():
         for key, value in row.items():
             assert rows["random-s3"][view][key] == pytest.approx(value, abs=1e-6), (view, key)
         assert 0.0 <= row["rt_accuracy"] <= 1.0
