@@ -167,6 +167,10 @@ class LossConfig:
     # second forward over the whole window corrupted as objective=mlm corrupts it (the control's
     # tokens a step), the context forward then reading clean tokens
     mlm_on: str = "context"
+    # objective=jepa+mlm with mlm_on=window: the first block the latent loss's gradient reaches.
+    # 0: the embeddings and every block. k > 0: blocks k.. only; the embeddings and the blocks
+    # below k are trained by the token loss alone (the context forward runs them without grad)
+    latent_grad_from: int = 0
 
 
 @dataclass
@@ -322,7 +326,7 @@ RANGES: dict[str, tuple[float | None, float | None, bool]] = {
          "train.exit_at_step", "train.max_skipped_steps", "train.val_interval", "eval.interval",
          "eval.collapse_patience", "eval.collapse_min_target_std", "eval.collapse_min_pred_std",
          "loss.reg_weight", "loss.vicreg_cov_weight", "loss.infonce_weight", "loss.mlm_weight",
-         "loss.latent_start", "loss.latent_ramp"],
+         "loss.latent_start", "loss.latent_ramp", "loss.latent_grad_from"],
         (0, None, True),
     ),  # counts and weights >= 0
     **dict.fromkeys(["optim.lr", "optim.start_lr", "optim.min_lr"], (0, None, True)),  # LR >= 0
@@ -476,6 +480,18 @@ def validate(cfg: Config) -> None:
         "window: the hybrid's token loss over the whole window needs objective=jepa+mlm and "
         "mask.draws=1",
     )
+    _check(
+        cfg.loss.latent_grad_from == 0
+        or (cfg.loss.mlm_on == "window" and cfg.target.source == "ema"),
+        "loss.latent_grad_from",
+        "keeps the latent loss out of the lower blocks, which the token loss must then train on "
+        "its own: it needs loss.mlm_on=window and EMA targets (target.source=ema)",
+    )
+    _check(
+        cfg.loss.latent_grad_from < cfg.model.depth,
+        "loss.latent_grad_from",
+        f"{cfg.loss.latent_grad_from} leaves none of the {cfg.model.depth} blocks to the latent loss",
+    )
     _check(cfg.loss.reg in ("none", "vicreg", "sigreg"), "loss.reg", f"{cfg.loss.reg!r} unknown")
     reg_on = cfg.loss.reg_on.split("+")
     _check(
@@ -580,6 +596,7 @@ INERT_DEFAULTS: dict[str, Any] = {
     "loss.latent_start": 0,
     "loss.latent_ramp": 0,
     "loss.mlm_on": "context",
+    "loss.latent_grad_from": 0,
 }
 
 

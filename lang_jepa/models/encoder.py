@@ -107,10 +107,14 @@ class TextEncoder(_Checkpointable):
         position_ids: Tensor,
         valid: Tensor | None = None,
         segments: Segments | None = None,
+        grad_from: int = 0,
     ) -> Tensor:
-        x, rope = self._embed(input_ids, position_ids)
+        """``grad_from=k``: the embeddings and blocks below k run without grad (their output is
+        a constant to backward); blocks k.. as usual."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and grad_from == 0):
+            x, rope = self._embed(input_ids, position_ids)
         # no `valid.all()` check to drop the mask: it would cost a host sync every forward
-        return self.stack(x, rope, segments if segments is not None else valid)
+        return self.stack(x, rope, segments if segments is not None else valid, grad_from)
 
     def hidden_states(
         self, input_ids: Tensor, position_ids: Tensor, valid: Tensor | None = None

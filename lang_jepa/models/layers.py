@@ -199,12 +199,17 @@ class BlockStack(nn.Module):
         self.norm = nn.Identity() if post_ln else nn.LayerNorm(dim, eps=eps)
         self.activation_checkpointing = False
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Mask) -> Tensor:
-        for block in self.blocks:
-            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, rope, mask, use_reentrant=False)
-            else:
-                x = block(x, rope, mask)
+    def forward(
+        self, x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Mask, grad_from: int = 0
+    ) -> Tensor:
+        """``grad_from=k``: blocks below k run without grad (see ``TextEncoder.forward``)."""
+        grad = torch.is_grad_enabled()
+        for i, block in enumerate(self.blocks):
+            with torch.set_grad_enabled(grad and i >= grad_from):
+                if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                    x = checkpoint(block, x, rope, mask, use_reentrant=False)
+                else:
+                    x = block(x, rope, mask)
         return self.norm(x)
 
     def top_layers(

@@ -12,7 +12,9 @@ corrupts it, the MLM head on its features: the control's token loss beside the l
 EMA target encoder reads the clean window. Loss: w x the JEPA loss + ``loss.mlm_weight`` x the
 token cross-entropy, where w is 0 before step ``loss.latent_start``, rises linearly to 1 over
 ``loss.latent_ramp`` steps and is 1 after (and always 1 with both at 0, the default; validation
-batches use 1).
+batches use 1). With ``mlm_on=window``, ``loss.latent_grad_from=k`` runs the context forward's
+embeddings and blocks below k without grad: the latent loss trains blocks k.. and the predictor,
+the token loss every block.
 """
 
 from __future__ import annotations
@@ -42,11 +44,11 @@ class JEPAMLM(JEPA):
     at the corrupted context tokens[, context features]); with online targets (predictions,
     logits, context features or None, window features of the clean window)."""
 
-    def __init__(
-        self, jepa: JEPA, vocab_size: int, norm_eps: float = 1e-6, mlm_on: str = "context"
-    ) -> None:
+    def __init__(self, jepa: JEPA, vocab_size: int, norm_eps: float = 1e-6,
+                 mlm_on: str = "context", latent_grad_from: int = 0) -> None:  # fmt: skip
         super().__init__(jepa.encoder, jepa.predictor, jepa.level, jepa.projector)
         self.target_cfg, self.online, self.mlm_on = jepa.target_cfg, jepa.online, mlm_on
+        self.latent_grad_from = latent_grad_from
         dim = jepa.encoder.dim
         self.head_norm = nn.LayerNorm(dim, eps=norm_eps)
         self.head = nn.Linear(dim, vocab_size)
@@ -56,7 +58,8 @@ class JEPAMLM(JEPA):
     def forward(self, batch: Batch) -> tuple[Tensor, ...]:
         window = self.mlm_on == "window"
         ids, pos = self.context_inputs(batch, key="input_ids" if window else "mlm_input_ids")
-        ctx = self.encoder(ids, pos, batch["ctx_valid"], batch_segments(batch, "ctx"))
+        ctx = self.encoder(ids, pos, batch["ctx_valid"], batch_segments(batch, "ctx"),
+                           self.latent_grad_from)  # fmt: skip
         preds = self.predict_from(batch, ctx, pos, batch["ctx_valid"], self.level == "sentence")
         if window:  # the corrupted whole window, as the masked-LM control reads it
             feats = self.encoder(batch["mlm_input_ids"], batch["position_ids"], batch["valid"],
@@ -107,7 +110,8 @@ class JEPAMLMObjective(JEPAObjective):
         super().__init__(cfg, vocab_size, rt)
         self.mask_id = mask_token_id(cfg.data.shards)
         jepa = self.module
-        self.module = JEPAMLM(jepa, vocab_size, cfg.model.norm_eps, cfg.loss.mlm_on)
+        self.module = JEPAMLM(jepa, vocab_size, cfg.model.norm_eps, cfg.loss.mlm_on,
+                              cfg.loss.latent_grad_from)  # fmt: skip
         self.module.return_context = jepa.return_context
         self.ema.online = self.module.encoder
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from lang_jepa.config import ConfigError, load_config
 from lang_jepa.metrics import CollapseAlarm, stream_flops
@@ -374,6 +374,40 @@ def test_the_hybrids_token_loss_over_the_whole_window(tiny_shards):
                 ["objective=jepa+mlm", "loss.mlm_on=window", "mask.draws=2"]):  # fmt: skip
         with pytest.raises(ConfigError, match="'loss.mlm_on'"):
             load_config("tiny", [*base, *bad])
+
+
+def test_the_latent_loss_can_be_kept_out_of_the_lower_blocks(tiny_shards):
+    """``loss.latent_grad_from=k`` (with ``mlm_on=window``): the latent loss's gradient reaches
+    blocks k.. and the predictor only, the token loss every block; the values are unchanged."""
+    base = ("objective=jepa+mlm", "loss.mlm_on=window")
+
+    def step(*extra: str) -> tuple[float, nn.Module]:
+        cfg, _, _, batch, vocab = setup_batch(tiny_shards, *base, *extra)
+        cfg.model.vocab_size = vocab
+        torch.manual_seed(0)
+        objective = build_objective(cfg, vocab, CPU)
+        loss, _ = objective.loss(objective.module, objective.prepare(batch, "train", (0, 0, 0)))
+        loss.backward()
+        return float(loss), objective.module
+
+    def learns(module: nn.Module) -> bool:
+        return any(p.grad is not None and bool(p.grad.any()) for p in module.parameters())
+
+    latent, module = step("loss.latent_grad_from=1", "loss.mlm_weight=0")
+    enc = module.encoder
+    assert enc.depth >= 2
+    assert not learns(enc.tok_emb) and not learns(enc.stack.blocks[0])
+    assert all(learns(b) for b in enc.stack.blocks[1:]) and learns(module.predictor)
+    everywhere, module = step("loss.mlm_weight=0")
+    assert latent == everywhere and learns(module.encoder.tok_emb)  # only the gradient differs
+    _, module = step("loss.latent_grad_from=1")  # with the token loss, every block learns
+    assert learns(module.encoder.tok_emb) and learns(module.encoder.stack.blocks[0])
+    shards = f"data.shards={tiny_shards}"
+    for bad in (["objective=jepa+mlm", "loss.latent_grad_from=1"],
+                [*base, "loss.latent_grad_from=1", "target.source=online"],
+                [*base, "loss.latent_grad_from=99"]):  # fmt: skip
+        with pytest.raises(ConfigError, match="'loss.latent_grad_from'"):
+            load_config("tiny", [shards, *bad])
 
 
 def test_the_alarm_sees_a_prediction_that_regressed_to_the_mean():
