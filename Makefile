@@ -57,9 +57,12 @@ demo: demo-shards eval-data
 	$(PY) -m lang_jepa.report $(DEMO_RUN)
 	@echo "TensorBoard: .venv/bin/tensorboard --logdir $(DEMO_RUN)/tb   (then open http://localhost:6006)"
 
-# Everything: tests/unit (in-process, minutes) and tests/integration (real engine, launchers).
+# Everything: tests/unit (in-process, minutes) and tests/integration (real engine, launchers),
+# on TEST_WORKERS pytest-xdist workers that each take whole files (TEST_WORKERS=0: one process).
+TEST_WORKERS ?= 2
 test: demo-data eval-data
-	$(PY) -m pytest -q --durations=25 tests/unit tests/integration
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25 \
+	  tests/unit tests/integration
 
 # The unit tests only: no process is started (see tests/conftest.py).
 test-fast: demo-data eval-data

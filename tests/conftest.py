@@ -21,6 +21,20 @@ REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions"))
 DEMO_RAW = REPO / "data" / "demo" / "raw"
 TINY_DOCS = 20
+# `make test` runs two pytest-xdist workers, each handed one whole file at a time (--dist
+# loadfile): they share the cores, so in-process tests take one intra-op thread each (processes
+# the tests start get one per rank anyway, from tests.helpers.cpu_env).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+# The files that take minutes, longest first (from --durations): starting them first keeps both
+# workers busy to the end instead of leaving one long file as the tail. The rest keep their order.
+LONGEST_FIRST = ("test_multinode.py", "test_resume.py", "test_benchmarks.py", "test_engine.py",
+                 "test_decoder_run.py", "test_checkpoint_safety.py", "test_world_size.py")  # fmt: skip
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # a stable sort
 
 
 @pytest.fixture(scope="session")
