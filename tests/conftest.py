@@ -28,8 +28,10 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"
 # The files that take minutes, longest first (from --durations): starting them first keeps both
 # workers busy to the end instead of leaving one long file as the tail. The rest keep their order.
-LONGEST_FIRST = ("test_multinode.py", "test_resume.py", "test_benchmarks.py", "test_engine.py",
-                 "test_decoder_run.py", "test_checkpoint_safety.py", "test_world_size.py")  # fmt: skip
+LONGEST_FIRST = ("test_multinode.py", "test_resume.py", "test_decoder_run.py",
+                 "test_model_compile.py", "test_slurm.py", "test_experiment.py",
+                 "test_benchmarks.py", "test_world_size.py", "test_engine.py",
+                 "test_checkpoint_safety.py")  # fmt: skip
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
