@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rt-limit", type=int, default=None, help="a stratified RT subset")
     parser.add_argument("--out", default=None, help="write layers.json and layers.md here")
     args = parser.parse_args(argv)
+    started = {"date": time.strftime("%Y-%m-%d"), "commit": git_revision()}  # the code that runs
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -144,8 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         settings = {"rt": rt is not None, "rt_snippets": None if rt is None else len(rt[0]),
-                    "random_seeds": args.random, "date": time.strftime("%Y-%m-%d"),
-                    "commit": git_revision(), "machine": describe_machine(machine())}  # fmt: skip
+                    "random_seeds": args.random, **started,
+                    "machine": describe_machine(machine())}  # fmt: skip
         (out / "layers.json").write_text(
             json.dumps({"settings": settings, "encoders": results}, indent=2) + "\n"
         )
