@@ -485,7 +485,8 @@ def validate(cfg: Config) -> None:
         or (cfg.loss.mlm_on == "window" and cfg.target.source == "ema"),
         "loss.latent_grad_from",
         "keeps the latent loss out of the lower blocks, which the token loss must then train on "
-        "its own: it needs loss.mlm_on=window and EMA targets (target.source=ema)",
+        "its own: it needs loss.mlm_on=window (a token loss of its own forward) and EMA targets "
+        "(target.source=ema: online targets would carry the latent loss into every block)",
     )
     _check(
         cfg.loss.latent_grad_from < cfg.model.depth,

@@ -376,10 +376,13 @@ def test_the_hybrids_token_loss_over_the_whole_window(tiny_shards):
             load_config("tiny", [*base, *bad])
 
 
-def test_the_latent_loss_can_be_kept_out_of_the_lower_blocks(tiny_shards):
+@pytest.mark.parametrize("recompute", [False, True])
+def test_the_latent_loss_can_be_kept_out_of_the_lower_blocks(tiny_shards, recompute):
     """``loss.latent_grad_from=k`` (with ``mlm_on=window``): the latent loss's gradient reaches
-    blocks k.. and the predictor only, the token loss every block; the values are unchanged."""
-    base = ("objective=jepa+mlm", "loss.mlm_on=window")
+    blocks k.. and the predictor only, the token loss every block; the values are unchanged
+    (with activation checkpointing too)."""
+    base = ("objective=jepa+mlm", "loss.mlm_on=window",
+            f"model.activation_checkpointing={str(recompute).lower()}")  # fmt: skip
 
     def step(*extra: str) -> tuple[float, nn.Module]:
         cfg, _, _, batch, vocab = setup_batch(tiny_shards, *base, *extra)
