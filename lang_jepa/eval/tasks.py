@@ -94,8 +94,10 @@ class MiniLMEmbedder:
     sentences = documents
 
 
+@functools.lru_cache(maxsize=1)
 def lee_corpus() -> tuple[list[str], np.ndarray]:
-    """(50 documents, human similarity matrix [50, 50]) from gensim's test data."""
+    """(50 documents, human similarity matrix [50, 50]) from gensim's test data (read once a
+    process; treat both as read-only)."""
     import gensim  # the files only: gensim.test.utils would build demo corpora at import
 
     data = Path(gensim.__file__).parent / "test" / "test_data"

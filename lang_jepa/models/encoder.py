@@ -122,11 +122,8 @@ class TextEncoder(_Checkpointable):
         """``depth + 2`` tensors [B, N, D]: the embedding output, each block's output, and the
         final (normed) output, which is :meth:`forward`'s. For layer-wise analysis (eval only)."""
         x, rope = self._embed(input_ids, position_ids)
-        out = [x]
-        for block in self.stack.blocks:
-            out.append(block(out[-1], rope, valid))
-        out.append(self.stack.norm(out[-1]))
-        return out
+        blocks = self.stack.top_layers(x, rope, valid, len(self.stack.blocks), "block")
+        return [x, *blocks, self.stack.norm(blocks[-1])]
 
     def top_layers(
         self,
